@@ -1,0 +1,1 @@
+"""Sparse-MAML and its MAML-family baselines on current PyTorch (torch.func)."""

@@ -1,0 +1,134 @@
+"""The meta-learner: the backbone (theta), its masks (phi or a generator), and the outer loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .config import Config
+from .data import Task
+from .inner_loop import (Params, UpdateRule, adapt_batched, adapt_reference, inner_parameter_names,
+                         query_logits_batched)
+from .masks import MASK_FUNCTIONS, LearnedMask, MaskGenerator, sparsity
+from .models import build_model, conv_weight_names
+
+
+class MetaLearner(nn.Module):
+    """theta (`model`), the inner-loop masks, and the outer loss of a meta-batch of tasks."""
+
+    def __init__(self, model: nn.Module, config: Config):
+        super().__init__()
+        inner = config.inner
+        self.model = model
+        self.inner_names = inner_parameter_names(model, inner.adapt, inner.adapt_batchnorm,
+                                                 inner.adapt_shortcut)
+        if not self.inner_names:
+            raise ValueError("no parameter adapts in the inner loop: check inner.adapt, "
+                             "inner.adapt_batchnorm and inner.adapt_shortcut")
+        masked = inner.mask != "none"
+        self.rule = UpdateRule(
+            step_size=inner.step_size,
+            mask_is_learning_rate=masked and MASK_FUNCTIONS[inner.mask].is_learning_rate,
+            mask_on_weight=inner.mask_target == "weight",
+        )
+        shapes = {n: p.shape for n, p in model.named_parameters() if n in self.inner_names}
+        self.generator: MaskGenerator | None = None
+        if masked and inner.mask_generator:
+            conv_modules = {n.rsplit(".", 1)[0] for n in conv_weight_names(model)}
+            generated = {n: shapes[n] for n in conv_weight_names(model) if n in shapes}
+            if not generated:
+                raise ValueError("inner.mask_generator: no adapted conv weight to mask")
+            self.generator = MaskGenerator(generated, model.feature_size, inner.mask,
+                                           inner.mask_init_shift)
+            # As in the reference, the conv biases then adapt without a mask.
+            shapes = {n: s for n, s in shapes.items() if n.rsplit(".", 1)[0] not in conv_modules}
+        self.mask: LearnedMask | None = None
+        if masked and shapes:
+            self.mask = LearnedMask(shapes, inner.mask, inner.mask_init, inner.mask_init_shift,
+                                    inner.step_size)
+        self.first_order = inner.first_order
+        self.loss_reduction = config.outer.loss_reduction
+        self.implementation = config.outer.implementation
+
+    # -- parameter groups ------------------------------------------------------------------
+
+    def theta_parameters(self) -> list[nn.Parameter]:
+        """The initialisation theta (the backbone's weights)."""
+        return list(self.model.parameters())
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """phi and the generator's weights (empty for plain MAML, ANIL and BOIL)."""
+        return [p for m in (self.mask, self.generator) if m is not None for p in m.parameters()]
+
+    # -- masks -----------------------------------------------------------------------------
+
+    def draw_masks(self, num_tasks: int) -> tuple[Params, Params]:
+        """(masks shared by all tasks, masks with a leading task dimension) for one meta-batch."""
+        shared = self.mask() if self.mask is not None else {}
+        per_task = {}
+        if self.generator is not None:
+            per_task = self.generator(self.generator.draw_noise(num_tasks))
+        return shared, per_task
+
+    @torch.no_grad()
+    def mask_sparsity(self) -> dict[str, float]:
+        """Fraction of entries with inner learning switched off, per masked parameter and overall.
+
+        The key "mean" is the fraction over all masked entries. Generated masks (sparse-MAML+) are
+        measured on one fresh draw.
+        """
+        shared, per_task = self.draw_masks(1)
+        values = {**shared, **{n: m[0] for n, m in per_task.items()}}
+        names = [n for n in self.inner_names if n in values]
+        if not names:
+            return {}
+        result = {n: sparsity(values[n]) for n in names}
+        total = sum(values[n].numel() for n in names)
+        result["mean"] = sum(result[n] * values[n].numel() for n in names) / total
+        return result
+
+    # -- the outer loss --------------------------------------------------------------------
+
+    def forward(self, batch: Task, steps: int, track_outer: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adapt every task of `batch` and score its query set.
+
+        Returns (outer loss reduced over tasks, per-task query losses, per-task query accuracies).
+        With track_outer=False nothing is kept for an outer backward pass (evaluation).
+        """
+        tasks = batch.num_tasks
+        params = dict(self.model.named_parameters())
+        if not track_outer:
+            params = {n: p.detach() for n, p in params.items()}
+        shared, per_task = self.draw_masks(tasks)
+        if self.implementation == "reference":
+            logits = []
+            for j in range(tasks):
+                masks = {**shared, **{n: m[j] for n, m in per_task.items()}}
+                fast = adapt_reference(self.model, params, self.inner_names, masks, self.rule,
+                                       batch.support_x[j], batch.support_y[j], steps,
+                                       self.first_order, track_outer)
+                with torch.set_grad_enabled(track_outer):
+                    logits.append(functional_call(self.model, fast, (batch.query_x[j],), strict=True))
+            query_logits = torch.stack(logits)  # (tasks, ways*query, ways)
+        else:
+            fast = adapt_batched(self.model, params, self.inner_names, shared, per_task, self.rule,
+                                 batch.support_x, batch.support_y, steps, self.first_order,
+                                 track_outer)
+            with torch.set_grad_enabled(track_outer):
+                query_logits = query_logits_batched(self.model, fast, self.inner_names, batch.query_x)
+        with torch.set_grad_enabled(track_outer):
+            losses = F.cross_entropy(query_logits.flatten(0, 1), batch.query_y.flatten(),
+                                     reduction="none").view(tasks, -1).mean(1)
+            loss = losses.sum() if self.loss_reduction == "sum" else losses.mean()
+        accuracies = (query_logits.argmax(-1) == batch.query_y).float().mean(1)
+        return loss, losses.detach(), accuracies.detach()
+
+
+def build_meta_learner(config: Config, in_channels: int, image_size: int) -> MetaLearner:
+    """Backbone and masks as configured (seed torch first for a reproducible init)."""
+    model = build_model(config.model.arch, in_channels, config.data.num_ways, image_size,
+                        config.model.widths)
+    return MetaLearner(model, config)
