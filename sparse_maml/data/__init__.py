@@ -1,0 +1,90 @@
+"""Few-shot datasets, seeded episodes and the transforms between them.
+
+`build_split(data_cfg, split)` opens one split of the configured dataset (detecting its on-disk
+layout, preparing it first when `data.download` is set); `build_episodes` turns it into seeded
+episodes, gathered from disk per episode or, with `data.on_device`, from one uint8 tensor on the
+accelerator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .base import DataError, FewShotSplit, Task
+from .episodes import (DeviceEpisodeDataset, EpisodeDataset, EpisodePlan, check_episode_sizes,
+                       episode_loader, stack_tasks, task_seed)
+from .imagenet import MINI_LAYOUTS, TIERED_LAYOUTS
+from .layouts import Layout, resolve
+from .photos import CARS_LAYOUTS, CUB_LAYOUTS, omniglot_layouts
+from .synthetic import SyntheticGlyphs
+from .transforms import EpisodeTransform
+
+SPLITS = ("train", "val", "test")
+
+
+def dataset_layouts(name: str, omniglot_rotations: bool = False) -> list[Layout]:
+    """The layouts `name` can be read from, fastest first."""
+    layouts = {
+        "miniimagenet": MINI_LAYOUTS,
+        "tieredimagenet": TIERED_LAYOUTS,
+        "cub": CUB_LAYOUTS,
+        "cars": CARS_LAYOUTS,
+        "omniglot": omniglot_layouts(omniglot_rotations),
+    }
+    if name not in layouts:
+        raise DataError(f"unknown dataset {name!r}; choose synthetic or one of {', '.join(layouts)}")
+    return layouts[name]
+
+
+def open_split(name: str, root: str | Path, split: str, layout: str = "auto",
+               omniglot_rotations: bool = False) -> FewShotSplit:
+    """Split `split` of dataset `name` stored under `root` (layout detected unless forced)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return resolve(name, Path(root), split, dataset_layouts(name, omniglot_rotations), layout)
+
+
+def build_split(data, split: str) -> FewShotSplit:
+    """The FewShotSplit named by a DataConfig (`data.name`, `data.root`, `data.layout`)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if data.name == "synthetic":
+        return SyntheticGlyphs(split, seed=data.synthetic_seed)
+    try:
+        return open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
+    except DataError:
+        if not data.download:
+            raise
+    from .download import prepare
+
+    prepare(data.name, data.root)
+    return open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
+
+
+def default_device() -> torch.device:
+    """The accelerator if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_episodes(data, split: FewShotSplit, seed: int, augment: bool,
+                   device: Optional[torch.device | str] = None) -> EpisodeDataset:
+    """Episodes of `split` as configured by a DataConfig.
+
+    With `data.on_device` the split is copied once into a uint8 tensor on `device` (default: the
+    accelerator if any) and episodes are gathered there; the episodes are the same either way.
+    """
+    size = data.image_size or split.native_size
+    transform = EpisodeTransform(size, split.channels, split.normalize, augment)
+    if getattr(data, "on_device", False):
+        return DeviceEpisodeDataset(split, data.num_ways, data.num_shots, data.num_query, seed,
+                                    transform, device if device is not None else default_device())
+    return EpisodeDataset(split, data.num_ways, data.num_shots, data.num_query, seed, transform)
+
+
+__all__ = ["DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan", "EpisodeTransform",
+           "FewShotSplit", "SPLITS", "SyntheticGlyphs", "Task", "build_episodes", "build_split",
+           "check_episode_sizes", "dataset_layouts", "default_device", "episode_loader",
+           "open_split", "stack_tasks", "task_seed"]

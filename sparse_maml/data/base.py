@@ -1,0 +1,302 @@
+"""What every few-shot dataset provides: one split's images, grouped by class, kept as uint8."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(RuntimeError):
+    """A dataset that is missing, incomplete or unreadable; the message names the file or folder."""
+
+
+class Task(NamedTuple):
+    """One N-way episode (or a stack of them, with a leading task dimension)."""
+
+    support_x: torch.Tensor  # (ways*shots, C, H, W) float, or (tasks, ways*shots, C, H, W)
+    support_y: torch.Tensor  # (ways*shots,) int64 labels in 0..ways-1
+    query_x: torch.Tensor  # (ways*query, C, H, W)
+    query_y: torch.Tensor  # (ways*query,)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Task":
+        """Move every tensor to `device`."""
+        return Task(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks in a stacked batch."""
+        return self.support_x.shape[0]
+
+    def select(self, index: int) -> "Task":
+        """Task `index` of a stacked batch."""
+        return Task(*(t[index] for t in self))
+
+
+class FewShotSplit:
+    """One split of a few-shot dataset: `num_classes` classes, each a list of uint8 images.
+
+    Subclasses implement `class_size` and `load`; images come back as uint8 (C, H, W) tensors of
+    any size (the transform resizes them), so a split never holds a float copy of its images.
+    """
+
+    name: str = "dataset"
+    split: str = "train"
+    channels: int = 3
+    native_size: int = 84
+    """The side images are resized to when data.image_size is 0."""
+    normalize: bool = True
+    """Whether to apply ImageNet mean/std normalisation (colour photographs)."""
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def class_size(self, label: int) -> int:
+        """Number of images of class `label`."""
+        raise NotImplementedError
+
+    def load(self, label: int, index: int) -> torch.Tensor:
+        """Image `index` of class `label` as a uint8 (C, H, W) tensor."""
+        raise NotImplementedError
+
+    def class_name(self, label: int) -> str:
+        """The dataset's name of class `label` (a WordNet id, a folder name, ...)."""
+        return str(label)
+
+    def load_many(self, label: int, indices: list[int]) -> list[torch.Tensor]:
+        """Several images of one class (datasets with batched storage override this)."""
+        return [self.load(label, i) for i in indices]
+
+    def describe(self) -> str:
+        """One line for logs: name, split and size."""
+        sizes = [self.class_size(c) for c in range(self.num_classes)]
+        return (f"{self.name}/{self.split}: {self.num_classes} classes, {sum(sizes)} images "
+                f"({min(sizes)}-{max(sizes)} per class)")
+
+
+def to_chw(array: np.ndarray, channels: int) -> torch.Tensor:
+    """uint8 (H, W), (H, W, C) or (C, H, W) array -> uint8 (channels, H, W) tensor."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {array.dtype}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3):
+        array = array.transpose(1, 2, 0)  # channels-first storage
+    if array.shape[2] != channels:
+        array = np.repeat(array, channels, axis=2) if array.shape[2] == 1 else array[:, :, :channels]
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))  # a writable copy
+
+
+def decode_image(data: bytes | str | Path, channels: int, where: str,
+                 box: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Decode an image file (a path or its bytes) to uint8 (channels, H, W), cropped to `box`.
+
+    `box` is (x1, y1, x2, y2) in pixels, inclusive, as in the Stanford Cars annotations. A file that
+    cannot be decoded raises DataError naming `where`.
+    """
+    try:
+        source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        with Image.open(source) as image:
+            image = image.convert("RGB" if channels == 3 else "L")
+            if box is not None:
+                x1, y1, x2, y2 = (int(v) for v in box)
+                x1, y1 = max(x1, 0), max(y1, 0)
+                x2, y2 = min(x2, image.width - 1), min(y2, image.height - 1)
+                image = image.crop((x1, y1, x2 + 1, y2 + 1))
+            array = np.asarray(image, dtype=np.uint8)
+    except FileNotFoundError as err:
+        raise DataError(f"image file {where} is missing") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"image {where} is corrupt or not an image ({err})") from err
+    return to_chw(array, channels)
+
+
+class ArraySplit(FewShotSplit):
+    """A split whose images are rows of uint8 arrays (NumPy, memory-mapped .npy, pickled cache).
+
+    Class c is `arrays[c]` (one array per class) or the rows `rows[c]` of the shared `arrays[0]`.
+    Arrays hold (N, H, W, C), (N, H, W) or (N, C, H, W) pixels; nothing is copied until read.
+    """
+
+    def __init__(self, name: str, split: str, class_names: list[str], arrays: list[Any],
+                 rows: Optional[list[np.ndarray]] = None, channels: int = 3, native_size: int = 84,
+                 normalize: bool = True, source: str = ""):
+        self.name, self.split, self.channels = name, split, channels
+        self.native_size, self.normalize = native_size, normalize
+        self.class_names = list(class_names)
+        self.arrays = arrays
+        self.rows = rows
+        self.source = source
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label]
+
+    def class_size(self, label: int) -> int:
+        return len(self.rows[label]) if self.rows is not None else len(self.arrays[label])
+
+    def _row(self, label: int, index: int) -> tuple[Any, int]:
+        if self.rows is not None:
+            return self.arrays[0], int(self.rows[label][index])
+        return self.arrays[label], index
+
+    def load(self, label: int, index: int) -> torch.Tensor:
+        array, row = self._row(label, index)
+        return to_chw(array[row], self.channels)
+
+    def load_many(self, label: int, indices: list[int]) -> list[torch.Tensor]:
+        if not indices:
+            return []
+        array, _ = self._row(label, 0)
+        rows = np.array([self._row(label, i)[1] for i in indices])
+        order = np.argsort(rows)  # sorted reads are sequential on a memory map
+        block = array[rows[order]]
+        images = [None] * len(indices)
+        for k, position in enumerate(order):
+            images[position] = to_chw(block[k], self.channels)
+        return images
+
+
+class EncodedSplit(FewShotSplit):
+    """A split of encoded image files (PNG/JPEG bytes) held in memory, decoded on use."""
+
+    def __init__(self, name: str, split: str, class_names: list[str], encoded: list[Sequence[Any]],
+                 channels: int = 3, native_size: int = 84, normalize: bool = True, source: str = ""):
+        self.name, self.split, self.channels = name, split, channels
+        self.native_size, self.normalize = native_size, normalize
+        self.class_names = list(class_names)
+        self.encoded = encoded
+        self.source = source
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label]
+
+    def class_size(self, label: int) -> int:
+        return len(self.encoded[label])
+
+    def load(self, label: int, index: int) -> torch.Tensor:
+        data = bytes(np.asarray(self.encoded[label][index], dtype=np.uint8).tobytes())
+        where = f"{self.source} (class {self.class_names[label]}, image {index})"
+        return decode_image(data, self.channels, where)
+
+
+class ImageFileSplit(FewShotSplit):
+    """A split of image files on disk, decoded on use; optional crop boxes and class rotations.
+
+    `files[c]` lists the files of class c; `boxes[c][i]` (optional) is the (x1, y1, x2, y2) crop of
+    file i; `rotations[c]` (optional) turns every image of class c by that many quarter turns
+    (counter-clockwise), so a rotated copy of a class is a class of its own; `invert` maps ink to 255.
+    """
+
+    def __init__(self, name: str, split: str, class_names: list[str], files: list[list[Path]],
+                 channels: int = 3, native_size: int = 84, normalize: bool = True,
+                 boxes: Optional[list[list[Sequence[int]]]] = None,
+                 rotations: Optional[list[int]] = None, invert: bool = False):
+        self.name, self.split, self.channels = name, split, channels
+        self.native_size, self.normalize = native_size, normalize
+        self.class_names = list(class_names)
+        self.files = files
+        self.boxes = boxes
+        self.rotations = rotations
+        self.invert = invert
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label]
+
+    def class_size(self, label: int) -> int:
+        return len(self.files[label])
+
+    def load(self, label: int, index: int) -> torch.Tensor:
+        path = self.files[label][index]
+        box = self.boxes[label][index] if self.boxes is not None else None
+        image = decode_image(path, self.channels, str(path), box)
+        if self.invert:
+            image = 255 - image
+        if self.rotations is not None and self.rotations[label]:
+            image = torch.rot90(image, self.rotations[label], dims=(1, 2)).contiguous()
+        return image
+
+
+class Hdf5Split(FewShotSplit):
+    """A split stored as torchmeta writes it: `{split}_data.hdf5` with one dataset per class in the
+    group `datasets`, holding uint8 (N, H, W, C) pixels or variable-length encoded image bytes.
+
+    The file is opened lazily in each process (h5py handles do not survive fork).
+    """
+
+    def __init__(self, name: str, split: str, path: Path, class_names: list[str],
+                 sizes: list[int], channels: int = 3, native_size: int = 84, normalize: bool = True):
+        self.name, self.split, self.channels = name, split, channels
+        self.native_size, self.normalize = native_size, normalize
+        self.path = Path(path)
+        self.class_names = list(class_names)
+        self.sizes = sizes
+        self._file: Any = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_file"], state["_pid"] = None, -1
+        return state
+
+    def _group(self) -> Any:
+        import h5py
+
+        if self._file is None or self._pid != os.getpid():
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as err:
+                raise DataError(f"HDF5 file {self.path} is corrupt or unreadable ({err})") from err
+            self._pid = os.getpid()
+        return self._file["datasets"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label]
+
+    def class_size(self, label: int) -> int:
+        return self.sizes[label]
+
+    def load(self, label: int, index: int) -> torch.Tensor:
+        return self.load_many(label, [index])[0]
+
+    def load_many(self, label: int, indices: list[int]) -> list[torch.Tensor]:
+        name = self.class_names[label]
+        try:
+            dataset = self._group()[name]
+            order = np.argsort(indices)
+            block = dataset[np.asarray(indices)[order]]  # h5py wants increasing indices
+        except DataError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise DataError(f"HDF5 file {self.path}: cannot read class {name!r} ({err})") from err
+        images = [None] * len(indices)
+        for k, position in enumerate(order):
+            item = block[k]
+            if item.dtype == np.uint8 and item.ndim >= 2:
+                images[position] = to_chw(item, self.channels)
+            else:  # variable-length encoded bytes (torchmeta's tieredImageNet)
+                where = f"{self.path} (class {name}, image {indices[position]})"
+                images[position] = decode_image(np.asarray(item, np.uint8).tobytes(), self.channels, where)
+        return images

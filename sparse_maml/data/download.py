@@ -1,0 +1,362 @@
+"""Fetching, verifying, extracting and preparing datasets (utils/prepare_data.py, data.download).
+
+The flow for `prepare(dataset, root)`:
+1. each archive comes from `--from-archive` or is downloaded into `root/.downloads/` (resumed with
+   HTTP Range from a `.part` file, retried with exponential backoff, tried mirror by mirror);
+2. its md5/sha256 is checked where one is pinned (a mismatch deletes the file and says so);
+3. it is extracted into a temporary folder inside root, converted to the fastest form the loader
+   reads (MiniImageNet/tieredImageNet: memory-mapped `{split}_images.npy`), and only then moved
+   into root, split by split; the marker `.prepared-<dataset>.json` (with the checksums) is written
+   last. A failure removes the temporary folder, so nothing half-written looks like a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .base import DataError, FewShotSplit
+
+CHUNK = 1 << 20
+USER_AGENT = "sparse_maml-prepare/1.0"
+
+
+def gdrive(file_id: str) -> str:
+    """Direct-download URL of a public Google Drive file (skips the virus-scan page)."""
+    return f"https://drive.usercontent.google.com/download?id={file_id}&export=download&confirm=t"
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One file to fetch: its name, mirrors in order, and its checksum where one is known."""
+
+    filename: str
+    urls: tuple[str, ...] = ()
+    md5: Optional[str] = None
+    sha256: Optional[str] = None
+
+
+# Checksums are pinned only where they are published and known; for the others the computed
+# checksum is recorded in the marker file so later copies can be compared.
+ARCHIVES: dict[str, list[Archive]] = {
+    "miniimagenet": [Archive(
+        "mini-imagenet.tar.gz",
+        (gdrive("16V_ZlkW4SsnNDtnGmaBRq2OoPmUOc5mY"),  # torchmeta's copy (renmengye/few-shot-ssl)
+         gdrive("1LLUjwSUpWGSWizl3JZxd08V30_dIaRBx")),  # learn2learn's copy
+        md5="b38f1eb4251fb9459ecc8e7febf9b2eb")],
+    "tieredimagenet": [Archive(
+        "tiered-imagenet.tar",
+        (gdrive("1g1aIDy2Ar_MViF2gDXFYDBTR-HYecV07"),))],  # renmengye/few-shot-ssl; md5 not pinned
+    "cub": [Archive(
+        "CUB_200_2011.tgz",
+        ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",),
+        md5="97eceeb196236b17998738112f37df78")],
+    "cars": [  # Stanford's URLs answer 404 nowadays: use --from-archive with your own copies
+        Archive("car_ims.tgz", ("http://ai.stanford.edu/~jkrause/car196/car_ims.tgz",)),
+        Archive("cars_annos.mat", ("http://ai.stanford.edu/~jkrause/car196/cars_annos.mat",))],
+    "omniglot": [
+        Archive("images_background.zip",
+                ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+                 "images_background.zip",), md5="68d2efa1b9178cc56df9314c21c6e718"),
+        Archive("images_evaluation.zip",
+                ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+                 "images_evaluation.zip",), md5="6b91aef0f799c5bb55b94e3f2daec811")],
+}
+
+# Datasets converted to the memory-mapped npy form after extraction (their images share one size).
+CONVERTED = ("miniimagenet", "tieredimagenet")
+NATIVE_SIZE = 84
+
+
+def marker_path(root: Path, dataset: str) -> Path:
+    """The file whose presence says `dataset` was fully prepared in `root`."""
+    return Path(root) / f".prepared-{dataset}.json"
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """md5 and sha256 of a file, read in chunks."""
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            md5.update(block)
+            sha.update(block)
+    return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
+
+
+def verify(path: Path, archive: Archive) -> dict[str, str]:
+    """Check `path` against the pinned checksum(s) of `archive`; return the computed digests."""
+    digests = file_digests(path)
+    for kind in ("md5", "sha256"):
+        expected = getattr(archive, kind)
+        if expected and digests[kind] != expected.lower():
+            raise DataError(f"checksum mismatch for {path}: {kind} is {digests[kind]}, expected "
+                            f"{expected} for {archive.filename} (corrupt or a different file)")
+    return digests
+
+
+def _progress(total: Optional[int], initial: int, name: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name,
+                disable=not enabled, leave=False)
+
+
+def fetch_url(url: str, dest: Path, timeout: float = 30.0, progress: bool = True) -> None:
+    """Download `url` to `dest`, resuming from `dest`.part; the .part is renamed only when complete."""
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # the .part already holds the whole file
+            part.replace(dest)
+            return
+        raise
+    with response:
+        if have and response.status != 206:  # server ignored Range: start again
+            have = 0
+        if "text/html" in response.headers.get("Content-Type", "") and "drive" in url:
+            raise DataError(f"{url} answered with a web page instead of the file (Google Drive "
+                            "quota or permission); download it in a browser and pass "
+                            "--from-archive")
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with open(part, "ab" if have else "wb") as f, _progress(total, have, dest.name, progress) as bar:
+            for block in iter(lambda: response.read(CHUNK), b""):
+                f.write(block)
+                bar.update(len(block))
+    size = part.stat().st_size
+    if total is not None and size < total:
+        raise ConnectionError(f"transfer of {url} stopped at {size} of {total} bytes")
+    part.replace(dest)
+
+
+def download(archive: Archive, folder: Path, retries: int = 4, backoff: float = 2.0,
+             progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> Path:
+    """Fetch `archive` into `folder` from its mirrors, resuming and retrying; verify its checksum."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / archive.filename
+    if dest.exists():
+        try:
+            verify(dest, archive)
+            return dest
+        except DataError:
+            dest.unlink()
+    errors = []
+    for url in archive.urls:
+        for attempt in range(retries + 1):
+            try:
+                fetch_url(url, dest, progress=progress)
+                break
+            except DataError:
+                raise
+            except urllib.error.HTTPError as err:
+                errors.append(f"{url}: HTTP {err.code}")
+                if err.code in (403, 404, 410):  # permanent: next mirror
+                    break
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
+                    OSError) as err:
+                errors.append(f"{url}: {err}")
+            if attempt < retries:
+                sleep(backoff * 2**attempt)
+        if dest.exists():
+            try:
+                verify(dest, archive)
+            except DataError:
+                dest.unlink()
+                raise
+            return dest
+    tried = "\n  ".join(errors) or "no mirror is known"
+    raise DataError(f"could not download {archive.filename} into {folder}:\n  {tried}\n"
+                    f"Download it yourself and pass it with --from-archive PATH")
+
+
+def _match_local(archives: list[Archive], given: Sequence[Path]) -> dict[str, Path]:
+    """Map archive file names to the user's files (a folder holding them, or the files)."""
+    found: dict[str, Path] = {}
+    files: list[Path] = []
+    for item in map(Path, given):
+        if item.is_dir():
+            files += [item / a.filename for a in archives if (item / a.filename).exists()]
+        elif item.exists():
+            files.append(item)
+        else:
+            raise DataError(f"--from-archive {item}: no such file or folder")
+    for archive in archives:
+        for f in files:
+            if f.name == archive.filename:
+                found[archive.filename] = f
+    if len(archives) == 1 and not found and len(files) == 1:
+        found[archives[0].filename] = files[0]  # a renamed copy of the one archive
+    return found
+
+
+def extract(path: Path, dest: Path) -> None:
+    """Unpack a tar/zip archive into `dest` (a .mat or other plain file is copied)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                z.extractall(dest)
+        elif tarfile.is_tarfile(path):
+            with tarfile.open(path) as t:
+                if hasattr(tarfile, "data_filter"):
+                    t.extractall(dest, filter="data")
+                else:
+                    t.extractall(dest)
+        else:
+            shutil.copy2(path, dest / path.name)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
+        raise DataError(f"archive {path} is corrupt or truncated ({err})") from err
+
+
+def _find_dataset_root(tree: Path, dataset: str, open_split: Callable[[Path, str], FewShotSplit]
+                       ) -> Path:
+    """The folder under `tree` (depth <= 2) from which all three splits of `dataset` open."""
+    candidates, level = [tree], [tree]
+    for _ in range(2):
+        level = [d for folder in level for d in sorted(folder.iterdir()) if d.is_dir()]
+        candidates += level
+    last_error: Optional[DataError] = None
+    for folder in candidates:
+        try:
+            for split in ("train", "val", "test"):
+                open_split(folder, split)
+            return folder
+        except DataError as err:
+            last_error = err
+    raise DataError(f"the archive does not hold a complete {dataset} dataset:\n{last_error}")
+
+
+def write_npy_split(split: FewShotSplit, out: Path, progress: bool) -> None:
+    """Write `split` in the prepared npy form (uint8 (N, 84, 84, C)), resizing odd-sized images."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .imagenet import write_npy
+
+    def arrays():
+        for label in tqdm(range(split.num_classes), desc=f"{split.name}/{split.split}",
+                          disable=not progress, leave=False):
+            images = split.load_many(label, list(range(split.class_size(label))))
+            rows = []
+            for im in images:
+                array = im.permute(1, 2, 0).numpy()  # (H, W, C)
+                if array.shape[:2] != (NATIVE_SIZE, NATIVE_SIZE):
+                    mode = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+                    array = np.asarray(mode.resize((NATIVE_SIZE, NATIVE_SIZE), Image.BILINEAR))
+                    array = array.reshape(NATIVE_SIZE, NATIVE_SIZE, -1)
+                rows.append(array)
+            yield np.stack(rows)
+
+    total = sum(split.class_size(c) for c in range(split.num_classes))
+    names = [split.class_name(c) for c in range(split.num_classes)]
+    write_npy(out, split.split, names, arrays(), total, (NATIVE_SIZE, NATIVE_SIZE, split.channels))
+
+
+def _move_into(src: Path, root: Path) -> None:
+    """Move every entry of `src` into `root`, replacing what is there (each move is a rename)."""
+    entries = sorted(src.iterdir(), key=lambda p: p.name.endswith("_index.json"))
+    for entry in entries:  # index files (what makes an npy split visible) go last
+        target = root / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(entry, target)
+
+
+def _collect(archives: list[Archive], local: dict[str, Path], from_archive: Sequence[str | Path],
+             dataset: str, root: Path, record: list[dict], paths: list[Path], retries: int,
+             backoff: float, progress: bool) -> None:
+    """Locate or download every archive of a dataset, verifying and recording its checksums."""
+    for archive in archives:
+        if archive.filename in local:
+            path = local[archive.filename]
+            digests = verify(path, archive)
+        elif from_archive:
+            raise DataError(f"--from-archive does not include {archive.filename} (needed for "
+                            f"{dataset}: {', '.join(a.filename for a in archives)})")
+        else:
+            path = download(archive, root / ".downloads", retries=retries, backoff=backoff,
+                            progress=progress)
+            digests = file_digests(path)
+        paths.append(path)
+        record.append({"file": archive.filename, "source": str(path),
+                       "pinned": bool(archive.md5 or archive.sha256), **digests})
+
+
+def prepare(dataset: str, root: str | Path, from_archive: Sequence[str | Path] = (),
+            open_split: Optional[Callable[[Path, str], FewShotSplit]] = None,
+            progress: bool = True, retries: int = 4, backoff: float = 2.0) -> Path:
+    """Fetch (or take `from_archive`), verify, extract and convert `dataset` into `root`.
+
+    `open_split(folder, split)` opens a split of the dataset from a folder (the package's own
+    readers by default). Returns the marker file. Safe to rerun: a prepared root is left alone.
+    """
+    if dataset not in ARCHIVES:
+        raise DataError(f"no preparation known for {dataset!r}; choose one of {', '.join(ARCHIVES)}")
+    if open_split is None:
+        from . import open_split as default_open
+
+        def open_split(folder: Path, split: str) -> FewShotSplit:
+            return default_open(dataset, folder, split)
+
+    root = Path(root)
+    marker = marker_path(root, dataset)
+    if marker.exists():
+        return marker
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        archives = ARCHIVES[dataset]
+        local = _match_local(archives, list(from_archive)) if from_archive else {}
+        record = []
+        paths = []
+        try:
+            _collect(archives, local, from_archive, dataset, root, record, paths, retries, backoff,
+                     progress)
+        finally:
+            downloads = root / ".downloads"
+            if downloads.is_dir() and not any(downloads.iterdir()):
+                downloads.rmdir()
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-prepare-{dataset}-", dir=root))
+        try:
+            extracted, out = work / "extracted", work / "out"
+            extracted.mkdir()
+            out.mkdir()
+            for path in paths:
+                extract(path, extracted)
+            found = _find_dataset_root(extracted, dataset, open_split)
+            if dataset in CONVERTED:
+                for split in ("train", "val", "test"):
+                    write_npy_split(open_split(found, split), out, progress)
+                _move_into(out, root)
+            else:
+                _move_into(found, root)
+            tmp_marker = work / marker.name
+            tmp_marker.write_text(json.dumps({"dataset": dataset, "archives": record}, indent=1))
+            os.replace(tmp_marker, marker)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        if created and not any(root.iterdir()):
+            root.rmdir()  # leave no trace of a failed first preparation
+        raise
+    return marker

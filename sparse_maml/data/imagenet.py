@@ -1,0 +1,277 @@
+"""MiniImageNet and tieredImageNet in the layouts found in the wild, plus the prepared `npy` form.
+
+MiniImageNet classes are ordered by name (WordNet id) in every layout, and images within a class
+keep their stored order, so the same images give the same episodes whatever the layout.
+tieredImageNet classes keep the order of its label files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from .base import ArraySplit, DataError, EncodedSplit, FewShotSplit, Hdf5Split, ImageFileSplit
+from .layouts import Layout
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepared form: {split}_images.npy (uint8, (N, H, W, C), rows grouped by class) and
+# {split}_index.json ({"classes": [...], "counts": [...]}); memory-mapped, nothing decoded.
+
+def find_npy(root: Path, split: str) -> Optional[tuple[Path, Path]]:
+    images, index = root / f"{split}_images.npy", root / f"{split}_index.json"
+    return (images, index) if images.is_file() and index.is_file() else None
+
+
+def open_npy(name: str, root: Path, split: str, files: tuple[Path, Path]) -> FewShotSplit:
+    images_path, index_path = files
+    try:
+        index = json.loads(index_path.read_text())
+        classes, counts = list(index["classes"]), [int(n) for n in index["counts"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"index file {index_path} is corrupt ({err})") from err
+    try:
+        images = np.load(images_path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"array file {images_path} is corrupt ({err})") from err
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != sum(counts):
+        raise DataError(f"array file {images_path} holds {images.dtype} {images.shape}, but "
+                        f"{index_path} lists {sum(counts)} uint8 images")
+    starts = np.cumsum([0] + counts)
+    rows = [np.arange(starts[c], starts[c + 1]) for c in range(len(classes))]
+    channels = 1 if images.ndim == 3 else images.shape[-1]
+    return ArraySplit(name, split, classes, [images], rows, channels=channels,
+                      source=str(images_path))
+
+
+def write_npy(root: Path, split: str, classes: list[str], arrays: Iterable[np.ndarray],
+              total: int, shape: tuple[int, ...]) -> None:
+    """Write the prepared form of one split from per-class uint8 (n, H, W, C) arrays."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = np.lib.format.open_memmap(root / f"{split}_images.npy", mode="w+", dtype=np.uint8,
+                                    shape=(total, *shape))
+    counts, row = [], 0
+    for array in arrays:
+        out[row:row + len(array)] = array
+        row += len(array)
+        counts.append(len(array))
+    if row != total or len(counts) != len(classes):
+        raise DataError(f"prepared {split} split of {root}: wrote {row} images of {len(counts)} "
+                        f"classes, expected {total} of {len(classes)}")
+    out.flush()
+    del out
+    (root / f"{split}_index.json").write_text(json.dumps({"classes": classes, "counts": counts}))
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniImageNet
+
+def _mini_hdf5_dir(root: Path) -> list[Path]:
+    return [root / "miniimagenet", root]
+
+
+def find_hdf5(folder_names: list[Path], split: str) -> Optional[tuple[Path, Path]]:
+    for folder in folder_names:
+        data, labels = folder / f"{split}_data.hdf5", folder / f"{split}_labels.json"
+        if data.is_file() and labels.is_file():
+            return data, labels
+    return None
+
+
+def open_hdf5(name: str, split: str, files: tuple[Path, Path], sort: bool) -> FewShotSplit:
+    import h5py
+
+    data, labels_path = files
+    try:
+        labels = [str(c) for c in json.loads(labels_path.read_text())]
+    except ValueError as err:
+        raise DataError(f"label file {labels_path} is corrupt ({err})") from err
+    try:
+        with h5py.File(data, "r") as f:
+            group = f["datasets"]
+            missing = [c for c in labels if c not in group]
+            if missing:
+                raise DataError(f"HDF5 file {data} has no dataset for class {missing[0]!r} listed in "
+                                f"{labels_path} ({len(missing)} missing)")
+            classes = sorted(labels) if sort else labels
+            sizes = [len(group[c]) for c in classes]
+            first = group[classes[0]] if classes else None
+            channels = 3
+            if first is not None and first.dtype == np.uint8 and first.ndim == 3:
+                channels = 1
+    except DataError:
+        raise
+    except (OSError, KeyError) as err:
+        raise DataError(f"HDF5 file {data} is corrupt or not in torchmeta's format ({err})") from err
+    return Hdf5Split(name, split, data, classes, sizes, channels=channels)
+
+
+def _mini_pickle(root: Path, split: str) -> Optional[Path]:
+    for alias in SPLIT_ALIASES[split]:
+        path = root / f"mini-imagenet-cache-{alias}.pkl"
+        if path.is_file():
+            return path
+    return None
+
+
+def _text(key: Any) -> str:
+    return key.decode() if isinstance(key, bytes) else str(key)
+
+
+def load_pickle(path: Path) -> Any:
+    """Unpickle a dataset file; Python 2 pickles are read with latin1 for NumPy arrays."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                return pickle.load(f)
+            except UnicodeDecodeError:
+                f.seek(0)
+                return pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
+        raise DataError(f"pickle file {path} is corrupt or truncated ({err})") from err
+
+
+def read_mini_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """(image_data (N, 84, 84, 3) uint8, {wnid: rows}) of a mini-imagenet-cache pickle."""
+    content = load_pickle(path)
+    if not isinstance(content, dict):
+        raise DataError(f"pickle file {path} does not hold a dict")
+    content = {_text(k): v for k, v in content.items()}
+    if "image_data" not in content or "class_dict" not in content:
+        raise DataError(f"pickle file {path} lacks image_data or class_dict (keys: {sorted(content)})")
+    images = np.asarray(content["image_data"])
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"pickle file {path}: image_data is {images.dtype} {images.shape}, "
+                        "expected uint8 (N, H, W, C)")
+    class_dict = {_text(k): [int(i) for i in v] for k, v in content["class_dict"].items()}
+    return images, class_dict
+
+
+def open_mini_pickle(root: Path, split: str, path: Path) -> FewShotSplit:
+    images, class_dict = read_mini_pickle(path)
+    classes = sorted(class_dict)
+    rows = [np.asarray(class_dict[c]) for c in classes]
+    return ArraySplit("miniimagenet", split, classes, [images], rows, source=str(path))
+
+
+def _csv_files(root: Path, split: str) -> Optional[Path]:
+    path = root / f"{split}.csv"
+    return path if path.is_file() and (root / "images").is_dir() else None
+
+
+def read_csv(path: Path, image_dir: Path) -> tuple[list[str], list[list[Path]]]:
+    """Classes (sorted) and their image files from a Ravi-style `filename,label` CSV."""
+    by_class: dict[str, list[Path]] = {}
+    with open(path, newline="") as f:
+        for k, row in enumerate(csv.reader(f)):
+            if not row or (k == 0 and row[0].strip().lower() == "filename"):
+                continue
+            if len(row) < 2:
+                raise DataError(f"{path}, line {k + 1}: expected filename,label, got {row}")
+            by_class.setdefault(row[1].strip(), []).append(image_dir / row[0].strip())
+    classes = sorted(by_class)
+    files = [by_class[c] for c in classes]
+    missing = [p for paths in files for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} images listed in {path} are missing from {image_dir}, "
+                        f"e.g. {missing[0]}")
+    return classes, files
+
+
+def open_csv(root: Path, split: str, path: Path) -> FewShotSplit:
+    classes, files = read_csv(path, root / "images")
+    return ImageFileSplit("miniimagenet", split, classes, files)
+
+
+def _split_folder(root: Path, split: str) -> Optional[Path]:
+    for alias in SPLIT_ALIASES[split]:
+        folder = root / alias
+        if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()):
+            return folder
+    return None
+
+
+def read_image_folder(folder: Path) -> tuple[list[str], list[list[Path]]]:
+    """Classes (sorted sub-folder names) and their image files (sorted) of `split/class/*.jpg`."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    files = [sorted(p for p in (folder / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+             for c in classes]
+    return classes, files
+
+
+def open_folder(root: Path, split: str, folder: Path) -> FewShotSplit:
+    classes, files = read_image_folder(folder)
+    return ImageFileSplit("miniimagenet", split, classes, files)
+
+
+MINI_LAYOUTS = [
+    Layout("npy", "{split}_images.npy + {split}_index.json (written by utils/prepare_data.py)",
+           find_npy, lambda root, split, files: open_npy("miniimagenet", root, split, files)),
+    Layout("hdf5", "miniimagenet/{split}_data.hdf5 + miniimagenet/{split}_labels.json (torchmeta)",
+           lambda root, split: find_hdf5(_mini_hdf5_dir(root), split),
+           lambda root, split, files: open_hdf5("miniimagenet", split, files, sort=True)),
+    Layout("pickle", "mini-imagenet-cache-{train,val|validation,test}.pkl (learn2learn, "
+           "mini-imagenet.tar.gz)", _mini_pickle, open_mini_pickle),
+    Layout("csv", "{train,val,test}.csv (filename,label; Ravi & Larochelle) + images/*.jpg",
+           _csv_files, open_csv),
+    Layout("folder", "{train,val,test}/<class>/*.jpg (ImageFolder)", _split_folder, open_folder),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# tieredImageNet
+
+def _tiered_pickles(root: Path, split: str) -> Optional[tuple[Path, Path]]:
+    for alias in SPLIT_ALIASES[split]:
+        images, labels = root / f"{alias}_images_png.pkl", root / f"{alias}_labels.pkl"
+        if images.is_file() and labels.is_file():
+            return images, labels
+    return None
+
+
+def read_tiered_pickles(files: tuple[Path, Path]) -> tuple[list[str], list[list[Any]]]:
+    """Class names and per-class encoded PNG images of `{split}_images_png.pkl` + labels."""
+    images_path, labels_path = files
+    images = load_pickle(images_path)
+    labels = load_pickle(labels_path)
+    if not isinstance(labels, dict):
+        raise DataError(f"pickle file {labels_path} does not hold a dict")
+    labels = {_text(k): v for k, v in labels.items()}
+    if "label_specific" not in labels:
+        raise DataError(f"pickle file {labels_path} lacks label_specific (keys: {sorted(labels)})")
+    specific = np.asarray(labels["label_specific"]).astype(np.int64).reshape(-1)
+    if len(specific) != len(images):
+        raise DataError(f"{labels_path} labels {len(specific)} images but {images_path} holds "
+                        f"{len(images)}")
+    num_classes = int(specific.max()) + 1 if len(specific) else 0
+    names = [_text(n) for n in labels.get("label_specific_str", [])]
+    if len(names) != num_classes:
+        names = [str(c) for c in range(num_classes)]
+    members: list[list[Any]] = [[] for _ in range(num_classes)]
+    for image, label in zip(images, specific):
+        members[label].append(image)
+    return names, members
+
+
+def open_tiered_pickles(root: Path, split: str, files: tuple[Path, Path]) -> FewShotSplit:
+    names, members = read_tiered_pickles(files)
+    return EncodedSplit("tieredimagenet", split, names, members, source=str(files[0]))
+
+
+TIERED_LAYOUTS = [
+    Layout("npy", "{split}_images.npy + {split}_index.json (written by utils/prepare_data.py)",
+           find_npy, lambda root, split, files: open_npy("tieredimagenet", root, split, files)),
+    Layout("hdf5", "tieredimagenet/{split}_data.hdf5 + tieredimagenet/{split}_labels.json (torchmeta)",
+           lambda root, split: find_hdf5([root / "tieredimagenet", root], split),
+           lambda root, split, files: open_hdf5("tieredimagenet", split, files, sort=False)),
+    Layout("pickle", "{train,val,test}_images_png.pkl + {train,val,test}_labels.pkl "
+           "(tiered-imagenet.tar)", _tiered_pickles, open_tiered_pickles),
+]

@@ -1,0 +1,196 @@
+"""Cross-domain test sets (CUB-200-2011, Stanford Cars) and Omniglot, read from their archives'
+extracted folders and decoded lazily.
+
+The CUB (100/50/50 classes) and Cars (98/49/49 classes) splits ship with the package as JSON in
+`splits/`; Cars images are cropped to their annotated bounding boxes.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+from .base import DataError, FewShotSplit, ImageFileSplit
+from .imagenet import IMAGE_SUFFIXES
+from .layouts import PREPARE_HINT, Layout
+
+SPLITS_DIR = Path(__file__).parent / "splits"
+
+
+@lru_cache(maxsize=None)
+def class_split(dataset: str) -> dict[str, list[str]]:
+    """The shipped {split: [class names]} of `dataset` (cub or cars)."""
+    return json.loads((SPLITS_DIR / f"{dataset}.json").read_text())
+
+
+def _incomplete(dataset: str, root: Path, what: str) -> DataError:
+    hint = PREPARE_HINT.format(name=dataset, root=root)
+    return DataError(f"{dataset}: {what}; the dataset in {root.resolve()} is incomplete. "
+                     f"Prepare it again with: {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUB-200-2011
+
+def _cub_images(root: Path, split: str) -> Optional[Path]:
+    for folder in (root / "CUB_200_2011" / "images", root / "images"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def open_cub(root: Path, split: str, images: Path) -> FewShotSplit:
+    classes = class_split("cub")[split]
+    files = []
+    for name in classes:
+        folder = images / name
+        if not folder.is_dir():
+            raise _incomplete("cub", root, f"class folder {folder} is missing")
+        files.append(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+    return ImageFileSplit("cub", split, classes, files)
+
+
+CUB_LAYOUTS = [
+    Layout("archive", "CUB_200_2011/images/<class>/*.jpg (CUB_200_2011.tgz extracted)",
+           _cub_images, open_cub),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stanford Cars
+
+def _loadmat(path: Path) -> dict[str, Any]:
+    from scipy.io import loadmat
+
+    try:
+        return loadmat(str(path), squeeze_me=True, struct_as_record=False)
+    except Exception as err:  # scipy raises many types (ValueError, MatReadError, OSError, ...)
+        raise DataError(f"annotation file {path} is corrupt or not a MATLAB file ({err})") from err
+
+
+def _records(mat: dict[str, Any], path: Path) -> list[Any]:
+    if "annotations" not in mat:
+        raise DataError(f"annotation file {path} has no 'annotations' (keys: "
+                        f"{sorted(k for k in mat if not k.startswith('__'))})")
+    records = mat["annotations"]
+    return [records] if not hasattr(records, "__len__") else list(records)
+
+
+def _box(record: Any) -> tuple[int, int, int, int]:
+    return (int(record.bbox_x1), int(record.bbox_y1), int(record.bbox_x2), int(record.bbox_y2))
+
+
+def _cars_annos(root: Path, split: str) -> Optional[tuple[Path, Path]]:
+    mat = root / "cars_annos.mat"
+    return (mat, root) if mat.is_file() and (root / "car_ims").is_dir() else None
+
+
+def _cars_devkit(root: Path, split: str) -> Optional[Path]:
+    needed = [root / "devkit" / "cars_meta.mat", root / "devkit" / "cars_train_annos.mat",
+              root / "cars_test_annos_withlabels.mat", root / "cars_train", root / "cars_test"]
+    return root if all(p.exists() for p in needed) else None
+
+
+def _cars_split(dataset_root: Path, split: str, class_names: list[str],
+                images: list[tuple[Path, tuple[int, int, int, int], int]]) -> FewShotSplit:
+    """Group (file, box, 1-based class) by the shipped class split of Cars."""
+    wanted = class_split("cars")[split]
+    index = {name: k for k, name in enumerate(class_names)}
+    unknown = [name for name in wanted if name not in index]
+    if unknown:
+        raise DataError(f"cars: class {unknown[0]!r} of the shipped {split} split is not among the "
+                        f"{len(class_names)} class names of the annotations in {dataset_root}")
+    position = {index[name] + 1: k for k, name in enumerate(wanted)}
+    files: list[list[Path]] = [[] for _ in wanted]
+    boxes: list[list[tuple[int, int, int, int]]] = [[] for _ in wanted]
+    for path, box, label in images:
+        if label in position:
+            files[position[label]].append(path)
+            boxes[position[label]].append(box)
+    return ImageFileSplit("cars", split, wanted, files, boxes=boxes)
+
+
+def open_cars_annos(root: Path, split: str, found: tuple[Path, Path]) -> FewShotSplit:
+    mat_path, _ = found
+    mat = _loadmat(mat_path)
+    names = [str(n) for n in mat.get("class_names", [])]
+    images = [(root / str(r.relative_im_path), _box(r), int(getattr(r, "class")))
+              for r in _records(mat, mat_path)]
+    return _cars_split(root, split, names, images)
+
+
+def open_cars_devkit(root: Path, split: str, found: Path) -> FewShotSplit:
+    names = [str(n) for n in _loadmat(root / "devkit" / "cars_meta.mat").get("class_names", [])]
+    images = []
+    for mat_path, folder in ((root / "devkit" / "cars_train_annos.mat", root / "cars_train"),
+                             (root / "cars_test_annos_withlabels.mat", root / "cars_test")):
+        images += [(folder / str(r.fname), _box(r), int(getattr(r, "class")))
+                   for r in _records(_loadmat(mat_path), mat_path)]
+    return _cars_split(root, split, names, images)
+
+
+CARS_LAYOUTS = [
+    Layout("annos", "cars_annos.mat + car_ims/*.jpg (car_ims.tgz extracted)",
+           _cars_annos, open_cars_annos),
+    Layout("devkit", "devkit/cars_meta.mat + devkit/cars_train_annos.mat + cars_train/ + "
+           "cars_test_annos_withlabels.mat + cars_test/ (car_devkit.tgz, cars_train.tgz, "
+           "cars_test.tgz extracted)", _cars_devkit, open_cars_devkit),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Omniglot
+
+OMNIGLOT_SETS = ("images_background", "images_evaluation")
+# Characters per split (torchmeta's 1028/172/423 of the 1623); taken in order: background
+# alphabets first, then evaluation ones, each sorted by alphabet and character.
+OMNIGLOT_SPLIT = {"train": 1028, "val": 172, "test": 423}
+
+
+def _omniglot_folder(root: Path, split: str) -> Optional[Path]:
+    for folder in (root, root / "omniglot-py", root / "omniglot"):
+        if all((folder / s).is_dir() for s in OMNIGLOT_SETS):
+            return folder
+    return None
+
+
+def omniglot_characters(folder: Path) -> list[Path]:
+    """Every character folder, background set first, sorted by alphabet and character."""
+    characters = []
+    for subset in OMNIGLOT_SETS:
+        for alphabet in sorted(p for p in (folder / subset).iterdir() if p.is_dir()):
+            characters += sorted(p for p in alphabet.iterdir() if p.is_dir())
+    return characters
+
+
+def omniglot_bounds(total: int, split: str) -> tuple[int, int]:
+    """[start, end) of `split` among `total` characters, in the 1028/172/423 proportions."""
+    full = sum(OMNIGLOT_SPLIT.values())
+    n_train = round(total * OMNIGLOT_SPLIT["train"] / full)
+    n_val = round(total * OMNIGLOT_SPLIT["val"] / full)
+    return {"train": (0, n_train), "val": (n_train, n_train + n_val),
+            "test": (n_train + n_val, total)}[split]
+
+
+def open_omniglot(root: Path, split: str, folder: Path, rotations: bool) -> FewShotSplit:
+    characters = omniglot_characters(folder)
+    start, end = omniglot_bounds(len(characters), split)
+    chosen = characters[start:end]
+    names, files, turns = [], [], []
+    for quarter in range(4 if rotations else 1):
+        for character in chosen:
+            names.append(f"{character.parent.name}/{character.name}" + (f"/rot{90 * quarter}"
+                                                                        if rotations else ""))
+            files.append(sorted(p for p in character.iterdir() if p.suffix.lower() == ".png"))
+            turns.append(quarter)
+    return ImageFileSplit("omniglot", split, names, files, channels=1, native_size=28,
+                          normalize=False, rotations=turns if rotations else None, invert=True)
+
+
+def omniglot_layouts(rotations: bool) -> list[Layout]:
+    """Omniglot's layouts; `rotations` adds the 90/180/270-degree turns as classes."""
+    return [Layout("folders", "images_background/<alphabet>/<character>/*.png + "
+                   "images_evaluation/... (the two zips extracted)", _omniglot_folder,
+                   lambda root, split, folder: open_omniglot(root, split, folder, rotations))]
