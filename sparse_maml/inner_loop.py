@@ -101,8 +101,13 @@ def adapt_reference(model: nn.Module, params: Params, inner_names: list[str], ma
 
 def adapt_batched(model: nn.Module, params: Params, inner_names: list[str], shared_masks: Params,
                   task_masks: Params, rule: UpdateRule, x: torch.Tensor, y: torch.Tensor,
-                  steps: int, first_order: bool, track_outer: bool = True) -> Params:
-    """Adapt a stack of tasks at once; x is (tasks, n, C, H, W), y is (tasks, n).
+                  steps: int, first_order: bool, track_outer: bool = True,
+                  vectorize: bool = True) -> Params:
+    """Adapt a stack of tasks; x is (tasks, n, C, H, W), y is (tasks, n).
+
+    With `vectorize` the inner gradients of all tasks come from one torch.func.vmap call (one
+    grouped convolution per layer); without it, from a loop over tasks. Which is faster depends on
+    the device: CPU convolution kernels are slow for grouped weight gradients.
 
     `shared_masks` apply to every task; `task_masks` carry a leading task dimension (sparse-MAML+).
     Returns adapted weights with a leading task dimension for the inner parameters (the others are
@@ -134,7 +139,15 @@ def adapt_batched(model: nn.Module, params: Params, inner_names: list[str], shar
     def support_loss(inner: Params, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return cross_entropy(model, {**frozen, **inner}, xs, ys)
 
-    task_grad = vmap(grad(support_loss))  # every argument carries the task dimension
+    one_task_grad = grad(support_loss)
+
+    def task_grad(inner: Params, xs: torch.Tensor, ys: torch.Tensor) -> Params:
+        """Support-loss gradients of every task; every argument carries the task dimension."""
+        if vectorize:
+            return vmap(one_task_grad)(inner, xs, ys)
+        per_task = [one_task_grad({n: p[j] for n, p in inner.items()}, xs[j], ys[j])
+                    for j in range(xs.shape[0])]
+        return {n: torch.stack([g[n] for g in per_task]) for n in inner}
 
     def initial() -> Params:
         return {n: rule.initial(params[n], masks_for(n)).expand(tasks, *params[n].shape)
@@ -164,7 +177,7 @@ def adapt_batched(model: nn.Module, params: Params, inner_names: list[str], shar
 
 
 def query_logits_batched(model: nn.Module, fast: Params, inner_names: list[str],
-                         x: torch.Tensor) -> torch.Tensor:
+                         x: torch.Tensor, vectorize: bool = True) -> torch.Tensor:
     """Logits (tasks, n, ways) of per-task adapted weights on per-task inputs x (tasks, n, ...)."""
     frozen = {n: p for n, p in fast.items() if n not in inner_names}
     inner = {n: fast[n] for n in inner_names}
@@ -172,4 +185,6 @@ def query_logits_batched(model: nn.Module, fast: Params, inner_names: list[str],
     def logits(inner_p: Params, xs: torch.Tensor) -> torch.Tensor:
         return functional_call(model, {**frozen, **inner_p}, (xs,), strict=True)
 
-    return vmap(logits)(inner, x)
+    if vectorize:
+        return vmap(logits)(inner, x)
+    return torch.stack([logits({n: p[j] for n, p in inner.items()}, x[j]) for j in range(x.shape[0])])

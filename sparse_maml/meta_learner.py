@@ -114,11 +114,13 @@ class MetaLearner(nn.Module):
                     logits.append(functional_call(self.model, fast, (batch.query_x[j],), strict=True))
             query_logits = torch.stack(logits)  # (tasks, ways*query, ways)
         else:
+            vectorize = self.implementation == "vmap"
             fast = adapt_batched(self.model, params, self.inner_names, shared, per_task, self.rule,
                                  batch.support_x, batch.support_y, steps, self.first_order,
-                                 track_outer)
+                                 track_outer, vectorize)
             with torch.set_grad_enabled(track_outer):
-                query_logits = query_logits_batched(self.model, fast, self.inner_names, batch.query_x)
+                query_logits = query_logits_batched(self.model, fast, self.inner_names,
+                                                    batch.query_x, vectorize)
         with torch.set_grad_enabled(track_outer):
             losses = F.cross_entropy(query_logits.flatten(0, 1), batch.query_y.flatten(),
                                      reduction="none").view(tasks, -1).mean(1)

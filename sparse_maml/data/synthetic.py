@@ -20,6 +20,8 @@ SPLIT_CLASSES = {"train": 640, "val": 160, "test": 320}
 IMAGES_PER_CLASS = 20
 RENDER_SIZE = 28  # Omniglot-style 28x28 glyphs
 CURVE_POINTS = 12  # samples along each Bezier stroke
+# Instance distortions: control-point jitter (std), rotation range (radians), shift range.
+JITTER, ROTATION, SHIFT = 0.15, math.pi / 3, 0.5
 
 
 def _bezier(control: torch.Tensor) -> torch.Tensor:
@@ -53,9 +55,9 @@ def generate_glyph_class(split: str, seed: int, label: int, images_per_class: in
     used = torch.arange(strokes) < int(torch.randint(2, strokes + 1, (), generator=g))
     # Unused strokes collapse onto the first control point of stroke 0 (a dot inside the glyph).
     control = torch.where(used.view(strokes, 1, 1), control, control[:1, :1])
-    jitter = control.expand(m, -1, -1, -1) + 0.06 * torch.randn(m, strokes, 3, 2, generator=g)
+    jitter = control.expand(m, -1, -1, -1) + JITTER * torch.randn(m, strokes, 3, 2, generator=g)
     points = _bezier(jitter)  # (m, strokes, P, 2)
-    angle = (torch.rand(m, generator=g) - 0.5) * (math.pi / 6)
+    angle = (torch.rand(m, generator=g) - 0.5) * ROTATION
     scale = 0.85 + 0.3 * torch.rand(m, 2, generator=g)
     shear = (torch.rand(m, generator=g) - 0.5) * 0.4
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -63,7 +65,7 @@ def generate_glyph_class(split: str, seed: int, label: int, images_per_class: in
     shear_m = torch.eye(2).repeat(m, 1, 1)
     shear_m[:, 0, 1] = shear
     affine = rot @ shear_m @ torch.diag_embed(scale)  # (m, 2, 2)
-    shift = (torch.rand(m, 1, 1, 2, generator=g) - 0.5) * 0.3
+    shift = (torch.rand(m, 1, 1, 2, generator=g) - 0.5) * SHIFT
     points = torch.einsum("mij,mspj->mspi", affine, points) + shift
     width = 0.05 + 0.04 * torch.rand(m, generator=g)
     return (_render(points, width, size) * 255).round().to(torch.uint8)[:, None]
