@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Reproduce the results table of "Learning where to learn" (von Oswald et al. 2021): one
+# train.py run per row, each into its own run folder, then summarise with
+# utils/collect_results.py. See docs/reproducing.md.
+#
+#   ./run_sparse_MAML.sh                                   # every row, one seed
+#   ./run_sparse_MAML.sh sparse_maml_conv4_5shot maml_conv4_1shot     # the rows named
+#   ./run_sparse_MAML.sh --seeds 3 sparse_maml_conv4_5shot            # seeds 0, 1, 2
+#   ./run_sparse_MAML.sh --sweep inner.step_size=0.05,0.1,0.25,0.5 sparse_maml_conv4_5shot
+#   ./run_sparse_MAML.sh --debug                           # every row, seconds each, on CPU
+#   ./run_sparse_MAML.sh --dry-run                         # print the commands only
+#   ./run_sparse_MAML.sh sparse_maml_conv4_5shot run.device=cuda:1    # overrides pass through
+#
+# Options:
+#   --dry-run        print one command per run instead of running it
+#   --debug          append configs/debug.overrides (synthetic data, tiny network, 1 step)
+#   --seeds N        run seeds 0..N-1; folders <row>-seed<K>
+#   --sweep K=V1,V2  one run per value of the dotted key K; folders <row>-<key>-<V>
+#   --out DIR        parent folder of the run folders (default: runs, or runs/debug with --debug)
+#   --list           print the row names and exit
+# Anything of the form key=value is passed to every run after the config (it wins over it).
+# A run whose folder already holds a test result is skipped, so the script can be restarted.
+# A failing run is reported and the others still run; the exit status is 1 if any failed.
+set -euo pipefail
+
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+
+# The rows of the table, in table order: configs/<row>.yaml.
+ROWS=(
+  maml_conv4_5shot anil_conv4_5shot boil_conv4_5shot sparse_maml_conv4_5shot sparse_relu_maml_conv4_5shot
+  maml_conv4_1shot anil_conv4_1shot boil_conv4_1shot sparse_maml_conv4_1shot sparse_relu_maml_conv4_1shot
+  maml_resnet12_5shot anil_resnet12_5shot boil_resnet12_5shot sparse_maml_resnet12_5shot sparse_relu_maml_resnet12_5shot
+  maml_resnet12_1shot anil_resnet12_1shot boil_resnet12_1shot sparse_maml_resnet12_1shot sparse_relu_maml_resnet12_1shot
+  sparse_maml_plus_conv4_5shot sparse_maml_plus_conv4_1shot meta_sgd_conv4_5shot
+)
+
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "run_sparse_MAML.sh: $*" >&2; exit 2; }
+
+dry_run=0 debug=0 seeds=0 sweep="" out=""
+rows=() overrides=()
+while (($#)); do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --debug) debug=1 ;;
+    --seeds) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--seeds needs a positive integer"; seeds=$2; shift ;;
+    --seeds=*) seeds=${1#*=}; [[ $seeds =~ ^[1-9][0-9]*$ ]] || die "--seeds needs a positive integer" ;;
+    --sweep) [[ ${2:-} == *=* ]] || die "--sweep needs key=v1,v2,..."; sweep=$2; shift ;;
+    --sweep=*) sweep=${1#*=}; [[ $sweep == *=* ]] || die "--sweep needs key=v1,v2,..." ;;
+    --out) [[ -n ${2:-} ]] || die "--out needs a folder"; out=$2; shift ;;
+    --out=*) out=${1#*=} ;;
+    --list) printf '%s\n' "${ROWS[@]}"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *=*) overrides+=("$1") ;;
+    *)
+      row=${1%.yaml}; row=${row#configs/}
+      [[ -f configs/$row.yaml ]] || die "no config configs/$row.yaml (rows: ${ROWS[*]})"
+      rows+=("$row") ;;
+  esac
+  shift
+done
+((${#rows[@]})) || rows=("${ROWS[@]}")
+[[ -n $out ]] || { ((debug)) && out=runs/debug || out=runs; }
+
+debug_overrides=()
+if ((debug)); then
+  while IFS= read -r line; do
+    line=${line%%#*}; line=${line//[[:space:]]/}
+    [[ -n $line ]] && debug_overrides+=("$line")
+  done < configs/debug.overrides
+fi
+
+sweep_key="" sweep_values=("")
+if [[ -n $sweep ]]; then
+  sweep_key=${sweep%%=*}
+  IFS=, read -r -a sweep_values <<< "${sweep#*=}"
+  ((${#sweep_values[@]})) || die "--sweep $sweep has no values"
+fi
+seed_list=("")
+((seeds)) && seed_list=($(seq 0 $((seeds - 1))))
+
+# Quote a command for printing so that it can be pasted back into a shell.
+show() {
+  local a s=""
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then s+=" $a"; else s+=" '${a//\'/\'\\\'\'}'"; fi
+  done
+  echo "${s# }"
+}
+
+failed=()
+for row in "${rows[@]}"; do
+  for value in "${sweep_values[@]}"; do
+    for seed in "${seed_list[@]}"; do
+      name=$row extra=()
+      if [[ -n $sweep_key ]]; then
+        name+="-${sweep_key##*.}-$value"
+        extra+=("$sweep_key=$value")
+      fi
+      if [[ -n $seed ]]; then
+        name+="-seed$seed"
+        extra+=("run.seed=$seed")
+      fi
+      dir=$out/$name
+      cmd=("$PYTHON" train.py -c "configs/$row.yaml" ${debug_overrides[@]+"${debug_overrides[@]}"}
+           ${extra[@]+"${extra[@]}"} "run.name=$name" "run.dir=$dir"
+           ${overrides[@]+"${overrides[@]}"})
+      if ((dry_run)); then
+        show "${cmd[@]}"
+        continue
+      fi
+      if [[ -f $dir/metrics.jsonl ]] && grep -q '"kind": "test"' "$dir/metrics.jsonl"; then
+        echo "== $name: done already ($dir), skipped"
+        continue
+      fi
+      echo "== $name"
+      show "${cmd[@]}"
+      if ! "${cmd[@]}"; then
+        echo "== $name FAILED" >&2
+        failed+=("$name")
+      fi
+    done
+  done
+done
+
+if ((!dry_run)); then
+  if ((${#failed[@]})); then
+    echo "failed runs: ${failed[*]}" >&2
+    exit 1
+  fi
+  echo "all runs finished; summarise with: $PYTHON utils/collect_results.py $out --out $out"
+fi

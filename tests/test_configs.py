@@ -1,0 +1,175 @@
+"""Every YAML in configs/ loads, states what it reproduces, and its debug variant trains end to end."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from sparse_maml.config import load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+NOT_RUN_CONFIGS = {"paper_results.yaml"}  # data, not a run config
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in NOT_RUN_CONFIGS)
+TABLE_CONFIGS = [p for p in RUN_CONFIGS if p.stem != "demo"]
+PAPER = yaml.safe_load((CONFIGS / "paper_results.yaml").read_text())["accuracy"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Debug runs are tiny: one intra-op thread is several times faster than two on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def debug_overrides() -> list[str]:
+    """configs/debug.overrides, the mechanism behind run_sparse_MAML.sh --debug."""
+    lines = (CONFIGS / "debug.overrides").read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def cell_of(stem: str) -> tuple[str, str, int]:
+    """(method, arch, shots) from a file name such as sparse_relu_maml_resnet12_1shot."""
+    match = re.fullmatch(r"(.+)_(conv4|resnet12)_(\d)shot", stem)
+    assert match, f"{stem}: table configs are named <method>_<arch>_<K>shot"
+    return match[1], match[2], int(match[3])
+
+
+@functools.lru_cache(maxsize=None)
+def load_collect_results():
+    """utils/collect_results.py as a module (utils/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("collect_results", ROOT / "utils" / "collect_results.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["collect_results"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def method_from_config(cfg) -> str:
+    """The method as utils/collect_results.py derives it from inner.* (the table's rule)."""
+    collect = load_collect_results()
+    return collect.method_of(collect.flatten(to_dict(cfg)))
+
+
+def test_the_table_is_complete():
+    """One config per cell of SPEC section 5, plus the sparse-MAML+ and Meta-SGD rows."""
+    stems = {p.stem for p in TABLE_CONFIGS}
+    expected = {f"{m}_{a}_{k}shot" for m in ("maml", "anil", "boil", "sparse_maml", "sparse_relu_maml")
+                for a in ("conv4", "resnet12") for k in (1, 5)}
+    expected |= {"sparse_maml_plus_conv4_1shot", "sparse_maml_plus_conv4_5shot", "meta_sgd_conv4_5shot"}
+    assert stems == expected
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_config_loads(path):
+    load_config(path)
+
+
+def test_demo_config_states_the_defaults():
+    """configs/demo.yaml must follow sparse_maml/config.py when a default changes."""
+    demo, defaults = to_dict(load_config(CONFIGS / "demo.yaml")), to_dict(load_config(None))
+    stale = [f"{section}.{key}: {value!r} in demo.yaml, default {defaults[section][key]!r}"
+             for section, values in demo.items() for key, value in values.items()
+             if value != defaults[section][key]]
+    assert not stale, "update configs/demo.yaml: " + "; ".join(stale)
+
+
+@pytest.mark.parametrize("path", TABLE_CONFIGS, ids=lambda p: p.stem)
+def test_config_is_the_cell_it_names(path):
+    """File name, run.name, inner.* method, arch, shots and the header's paper number agree."""
+    cfg = load_config(path)
+    method, arch, shots = cell_of(path.stem)
+    assert cfg.run.name == path.stem
+    assert method_from_config(cfg) == method
+    assert (cfg.model.arch, cfg.data.num_shots, cfg.data.num_ways) == (arch, shots, 5)
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.num_query) == ("miniimagenet", 0, 15)
+    if arch == "resnet12":
+        assert cfg.model.widths == (64, 128, 256, 512)  # the reference's --resnet network
+    else:  # 64 filters; 32 where the baseline's own paper used 32 (Finn et al. 2017)
+        assert cfg.model.widths == ((32,) * 4 if method in ("maml", "anil") else (64,) * 4)
+    header = path.read_text().split("\nrun:")[0]
+    number = re.search(r"# Paper \(Table 1[^)]*\): (\d+\.\d+)", header)
+    paper = PAPER.get(method, {}).get(arch, {}).get(shots)
+    if paper is None:
+        assert number is None and "# Paper" in header
+    else:
+        assert number and float(number[1]) == paper
+    assert "Hyper-parameters" in header
+
+
+def test_reference_hyper_parameters():
+    """The values SPEC section 5 reads from the reference's launch script."""
+    conv4 = {k: load_config(CONFIGS / f"sparse_maml_conv4_{k}shot.yaml") for k in (1, 5)}
+    assert conv4[5].inner.step_size == 0.25 and conv4[1].inner.step_size == 0.1
+    for cfg in conv4.values():
+        assert (cfg.inner.steps, cfg.inner.eval_steps, cfg.inner.mask_init) == (35, 35, "kaiming")
+        assert (cfg.train.epochs, cfg.train.batches_per_epoch, cfg.outer.meta_batch_size) == (400, 100, 2)
+        assert (cfg.outer.mask_lr, cfg.outer.optimizer, cfg.train.val_from_epoch) == (0.0075, "adam", 100)
+    for k in (1, 5):
+        plus = load_config(CONFIGS / f"sparse_maml_plus_conv4_{k}shot.yaml")
+        assert plus.inner.mask_generator and plus.inner.step_size == 0.1
+        assert (plus.train.epochs, plus.outer.optimizer, plus.outer.mask_optimizer) == (600, "sgd", "sgd")
+    for path in CONFIGS.glob("*_resnet12_*.yaml"):
+        cfg = load_config(path)
+        assert (cfg.train.epochs, cfg.train.batches_per_epoch, cfg.outer.meta_batch_size) == (40, 1000, 1)
+        assert (cfg.inner.steps, cfg.inner.adapt_batchnorm, cfg.outer.grad_clamp) == (35, False, 10)
+        assert cfg.train.val_from_epoch == 10
+        expected_alpha = 0.01 if path.stem == "sparse_relu_maml_resnet12_1shot" else 0.05
+        assert cfg.inner.step_size == expected_alpha, path.stem
+        if cfg.inner.mask != "none":
+            assert cfg.outer.mask_lr == 0.01
+        if cfg.inner.mask == "relu_ste":
+            assert cfg.inner.mask_init == "constant"
+
+
+def test_paper_results_file_matches_spec_table():
+    """configs/paper_results.yaml holds SPEC section 5's numbers (checked against the SPEC text
+    when it is present beside the repository)."""
+    assert PAPER["sparse_maml"]["conv4"][5] == 67.03
+    assert PAPER["sparse_relu_maml"]["resnet12"][5] == 73.01
+    assert PAPER["boil"]["resnet12"][1] is None
+    spec = ROOT.parent / "shared" / "SPEC.md"
+    if not spec.is_file():
+        pytest.skip("SPEC.md not beside the repository")
+    methods = ["maml", "anil", "boil", "sparse_maml", "sparse_relu_maml"]
+    for line in spec.read_text().splitlines():
+        match = re.match(r"\| (\d)-shot, (Conv4|ResNet-12) \|(.*)\|$", line)
+        if match:
+            arch = {"Conv4": "conv4", "ResNet-12": "resnet12"}[match[2]]
+            values = [v.strip() for v in match[3].split("|")]
+            for method, value in zip(methods, values):
+                expected = None if value in ("–", "-") else float(value)
+                assert PAPER[method][arch][int(match[1])] == expected, (method, arch, match[1])
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_debug_variant_trains_end_to_end(path, tmp_path):
+    """The config plus configs/debug.overrides trains, validates and tests on synthetic data."""
+    overrides = debug_overrides() + [f"run.dir={tmp_path / 'run'}"]
+    cfg = load_config(path, overrides)
+    assert cfg.data.name == "synthetic"
+    full = load_config(path)
+    # The debug variant keeps the method, the architecture and the shot count of the config.
+    assert (cfg.inner.mask, cfg.inner.adapt, cfg.inner.mask_generator, cfg.model.arch,
+            cfg.data.num_shots) == (full.inner.mask, full.inner.adapt, full.inner.mask_generator,
+                                    full.model.arch, full.data.num_shots)
+    run_dir = train.main(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert {"train", "val", "test"} <= set(kinds)
+    test = next(r for r in records if r["kind"] == "test")
+    assert 0.0 <= test["accuracy"] <= 1.0 and test["num_tasks"] == 2
+    assert (run_dir / "best.pt").is_file()
+    train_record = next(r for r in records if r["kind"] == "train")
+    assert ("layer_sparsity" in train_record) == (cfg.inner.mask != "none")
