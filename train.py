@@ -2,27 +2,69 @@
 
     python train.py                                  # the built-in demo (synthetic glyphs, CPU)
     python train.py -c configs/sparse_maml_conv4_5shot.yaml inner.step_size=0.1
+    python train.py --resume runs/my_run             # continue a stopped run exactly
+    python train.py --resume runs/my_run train.epochs=24   # ... and extend it
+    python train.py run.dir=runs/job run.resume=auto # start, or continue if runs/job holds the run
+
+SIGTERM or SIGINT (Ctrl-C) finishes the current meta-batch, writes a checkpoint and exits with
+status 3; a second signal exits at once. Exit statuses: 0 done, 1 error (message on stderr),
+3 stopped and resumable, 4 stopped by the NaN guard (outer.max_bad_steps). See docs/runs.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Optional
 
+from sparse_maml import checkpoint
 from sparse_maml.checkpoint import CheckpointError
-from sparse_maml.config import Config, ConfigError, load_config
+from sparse_maml.config import Config, ConfigError, load_config, read_yaml
 from sparse_maml.data import DataError
-from sparse_maml.run_log import RunLog, make_run_dir
+from sparse_maml.run_log import (CONFIG, RunLog, check_existing_run, holds_run, make_run_dir,
+                                 new_run_dir, write_config)
 from sparse_maml.runtime import mean_confidence_interval
-from sparse_maml.training import build_experiment, fit, test_checkpoint
+from sparse_maml.training import (EXIT_DIVERGED, EXIT_STOPPED, StopSignal, TrainingDiverged,
+                                  TrainingStopped, build_experiment, fit, restore_checkpoint,
+                                  test_checkpoint)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("-c", "--config", help="YAML config file (defaults: the built-in demo)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its newest loadable checkpoint, with "
+                             "RUN_DIR/config.yaml plus the overrides (model-changing ones are refused)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inner.steps=35")
     return parser.parse_args(argv)
+
+
+def load_run_config(config_file: Optional[str], overrides: list[str],
+                    resume: Optional[str] = None) -> tuple[Config, Optional[Path]]:
+    """The config, and the run folder to continue (--resume, or run.resume=auto on a used run.dir)."""
+    if resume is not None:
+        if config_file:
+            raise ConfigError("--resume takes the config from RUN_DIR/config.yaml: pass overrides, "
+                              "not -c")
+        run_dir = Path(resume)
+        if not (run_dir / CONFIG).is_file():
+            raise ConfigError(f"--resume {run_dir}: no {CONFIG} there (is it a run folder?)")
+        base = read_yaml(run_dir / CONFIG)
+        if not isinstance(base.get("run", {}), dict):
+            raise ConfigError(f"{run_dir / CONFIG}: run: expected a mapping of RunConfig fields")
+        base["run"] = {**base.get("run", {}), "dir": str(run_dir)}
+        try:
+            config = load_config(None, overrides, base=base)
+        except ConfigError as err:
+            raise ConfigError(f"--resume {run_dir}: {run_dir / CONFIG} with the overrides: {err}") from err
+        # The folder being resumed is the run folder, whatever run.dir says.
+        return dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir))), run_dir
+    config = load_config(config_file, overrides)
+    if config.run.resume == "auto" and holds_run(Path(config.run.dir)):
+        return config, Path(config.run.dir)
+    return config, None
 
 
 def print_sparsity(sparsity: dict[str, float]) -> None:
@@ -38,11 +80,36 @@ def print_sparsity(sparsity: dict[str, float]) -> None:
     print(f"  {'all masked weights':<{width}}  {mean:6.1%}")
 
 
-def main(config: Config) -> Path:
-    """Train, then test the best-validation checkpoint; returns the run folder."""
-    run_dir = make_run_dir(config)
-    exp = build_experiment(config)
+def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
+    """Train (or continue the run in resume_dir), then test the best checkpoint; returns the run folder."""
+    if resume_dir is not None:
+        changes = check_existing_run(config, resume_dir)  # before any file is touched
+        run_dir = resume_dir
+    else:
+        run_dir = new_run_dir(config)
+    exp = build_experiment(config)  # data errors surface here, before the run folder is written
     learner = exp.learner
+    if resume_dir is None:
+        make_run_dir(config, run_dir)
+        log = RunLog(run_dir, config.run.tensorboard)
+    else:
+        checkpoint.remove_stale_temporaries(run_dir)
+        found = checkpoint.load_latest(run_dir)
+        if found is not None:
+            path, saved = found
+            restore_checkpoint(exp, saved, path)
+        write_config(config, run_dir / CONFIG)  # only once the checkpoint fits the new config
+        for key, (old, new) in changes.items():
+            if key != "run.dir":
+                print(f"resume: {key}: {old!r} -> {new!r}")
+        if found is not None:
+            log = RunLog(run_dir, config.run.tensorboard, truncate_to=saved["metrics_bytes"],
+                         purge_step=exp.state.step + 1)
+            print(f"resuming {run_dir} from {path.name}: {exp.state.epoch} epochs and "
+                  f"{exp.state.step} meta-batches done")
+        else:
+            print(f"{run_dir} holds no checkpoint yet: starting it from the beginning")
+            log = RunLog(run_dir, config.run.tensorboard, truncate_to=0, purge_step=0)
     print(f"run folder: {run_dir}")
     print(f"device: {exp.device}; {config.model.arch} with "
           f"{sum(p.numel() for p in learner.theta_parameters()):,} weights, "
@@ -50,9 +117,9 @@ def main(config: Config) -> Path:
           f"mask: {config.inner.mask}{' (generator)' if learner.generator is not None else ''}")
     print(f"data: {config.data.name}, {config.data.num_ways}-way {config.data.num_shots}-shot, "
           f"{config.data.num_query} queries per class")
-    log = RunLog(run_dir, config.run.tensorboard)
     try:
-        state = fit(exp, run_dir, log)
+        with StopSignal() as stop:
+            state = fit(exp, run_dir, log, should_stop=stop)
         print(f"best validation accuracy {state.best_val_accuracy:.2%} +- {state.best_val_ci:.2%} "
               f"(epoch {state.best_epoch})")
         if config.train.test_after_training:
@@ -73,7 +140,14 @@ def main(config: Config) -> Path:
 if __name__ == "__main__":
     args = parse_args()
     try:
-        cfg = load_config(args.config, args.overrides)
-        main(cfg)
+        cfg, resume_from = load_run_config(args.config, args.overrides, args.resume)
+        main(cfg, resume_from)
+    except TrainingStopped as stopped:
+        print(f"{stopped}\nresume with: python train.py --resume {stopped.checkpoint_path.parent}",
+              flush=True)
+        sys.exit(EXIT_STOPPED)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
     except (ConfigError, DataError, CheckpointError, FileExistsError) as err:
         sys.exit(f"error: {err}")

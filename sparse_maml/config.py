@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,16 @@ class RunConfig:
     """Write TensorBoard event files beside metrics.jsonl."""
     progress: bool = True
     """Show tqdm progress bars."""
+    resume: Literal["never", "auto"] = "never"
+    """auto: if run.dir already holds this run, continue from its newest loadable checkpoint
+    (the config may differ only in keys that leave the run's state valid, e.g. train.epochs);
+    never: refuse a run.dir that holds a run (see `train.py --resume RUN_DIR` and run.overwrite)."""
+    keep_checkpoints: int = 2
+    """Numbered checkpoints (checkpoint-<step>.pt) kept in the run folder, newest first; >= 1.
+    best.pt is kept in addition."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many meta-batches (0: only at the end of each epoch, on a stop
+    signal and when the NaN guard stops the run)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,7 @@ class DataConfig:
     """Side of the square input images; 0 means the dataset's usual size (84, or 28 for glyphs)."""
     num_ways: int = 5
     """Classes per task (N)."""
-    num_shots: int = 5
+    num_shots: int = 1
     """Support images per class (K)."""
     num_query: int = 15
     """Query images per class."""
@@ -131,18 +142,22 @@ class OuterConfig:
     """Outer learning rate of phi."""
     momentum: float = 0.9
     """Momentum of the SGD optimizers (Nesterov when > 0)."""
-    implementation: Literal["batched", "reference"] = "batched"
-    """batched: all tasks of a meta-batch at once with torch.func.vmap; reference: a plain per-task
-    loop, kept as the obviously-correct implementation the batched path is tested against."""
+    implementation: Literal["loop", "vmap", "reference"] = "loop"
+    """How a meta-batch is adapted. loop: task after task, first-order runs in closed form (no
+    inner graph); vmap: the same math with all tasks in one torch.func.vmap call; reference: the
+    plain step-by-step chain of the reference code, which the other two are tested against."""
+    max_bad_steps: int = 10
+    """Stop the run (after checkpointing the last good state) when this many consecutive meta-batches
+    have a non-finite outer loss or gradient; each such update is skipped and counted."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 10
     """Training epochs (paper: 400 Conv4, 40 ResNet-12)."""
-    batches_per_epoch: int = 40
+    batches_per_epoch: int = 30
     """Meta-batches per epoch (paper: 100 Conv4, 1000 ResNet-12)."""
-    val_every: int = 3
+    val_every: int = 2
     """Validate every this many epochs (and after the last one)."""
     val_from_epoch: int = 0
     """First epoch (1-based) whose validation may become the best checkpoint (paper: 100 / 10)."""
@@ -327,14 +342,15 @@ def save_config(config: Config, path: str | Path) -> None:
 
 def validate(config: Config) -> None:
     """Reject values and combinations that cannot run, naming the keys."""
-    d, m, i, o, t = config.data, config.model, config.inner, config.outer, config.train
+    r, d, m, i, o, t = config.run, config.data, config.model, config.inner, config.outer, config.train
     positive = {
         "data.num_ways": d.num_ways, "data.num_shots": d.num_shots, "data.num_query": d.num_query,
         "inner.steps": i.steps, "inner.eval_steps": i.eval_steps,
         "outer.meta_batch_size": o.meta_batch_size, "train.epochs": t.epochs,
         "train.batches_per_epoch": t.batches_per_epoch, "train.val_every": t.val_every,
         "train.num_val_tasks": t.num_val_tasks, "train.num_test_tasks": t.num_test_tasks,
-        "train.eval_batch_size": t.eval_batch_size,
+        "train.eval_batch_size": t.eval_batch_size, "run.keep_checkpoints": r.keep_checkpoints,
+        "outer.max_bad_steps": o.max_bad_steps,
     }
     for key, value in positive.items():
         if value < 1:
@@ -352,8 +368,20 @@ def validate(config: Config) -> None:
         raise ConfigError("data.image_size and data.num_workers must not be negative")
     if len(m.widths) != 4 or min(m.widths) < 1:
         raise ConfigError(f"model.widths: expected four positive channel counts, got {list(m.widths)}")
-    if not (config.run.device in ("auto", "cpu", "cuda") or config.run.device.startswith("cuda:")):
-        raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:<index>, got {config.run.device!r}")
+    if not (r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device)):
+        raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:<index>, got {r.device!r}")
+    _validate_run(r)
+    for key, value in {"train.val_from_epoch": t.val_from_epoch,
+                       "data.synthetic_seed": d.synthetic_seed}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+    if m.arch == "conv4" and 0 < d.image_size < 16:
+        # Four 2x2 max-pools: 16 is the smallest side that leaves a 1x1 feature map.
+        raise ConfigError(f"data.image_size: model.arch=conv4 needs at least 16 pixels (or 0 for the "
+                          f"dataset's size), got {d.image_size}")
+    if i.mask == "none" and i.mask_init_shift != 0:
+        raise ConfigError(f"inner.mask_init_shift={i.mask_init_shift} shifts a mask, but inner.mask=none "
+                          "has no mask: set inner.mask or leave the shift at 0")
     if i.mask == "none":
         if i.mask_target != "gradient" or i.mask_generator:
             raise ConfigError("inner.mask_target=weight and inner.mask_generator need a mask "
@@ -373,3 +401,23 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 "inner.mask_generator with model.arch=resnet12 is refused: a dense generator would "
                 f"need {size:,} weights ({size * 4 / 2**30:.1f} GiB in fp32); use model.arch=conv4")
+
+
+def _validate_run(r: RunConfig) -> None:
+    """Run-folder, seed and checkpoint settings."""
+    if not r.name or "/" in r.name or "\\" in r.name or r.name in (".", ".."):
+        raise ConfigError(f"run.name: expected a non-empty name without path separators, got {r.name!r}")
+    if not r.dir and not r.out_dir:
+        raise ConfigError("run.out_dir: must not be empty when run.dir is empty")
+    if not 0 <= r.seed < 2**63:
+        raise ConfigError(f"run.seed: must be in [0, 2**63), got {r.seed}")
+    if r.checkpoint_every < 0:
+        raise ConfigError(f"run.checkpoint_every: must not be negative (0: end of epoch only), "
+                          f"got {r.checkpoint_every}")
+    if r.resume == "auto":
+        if not r.dir:
+            raise ConfigError("run.resume=auto needs run.dir: the folder to continue (a timestamped "
+                              "folder is new on every start)")
+        if r.overwrite:
+            raise ConfigError("run.resume=auto and run.overwrite=true contradict each other: "
+                              "choose one")

@@ -1,20 +1,31 @@
-"""Meta-training and evaluation: the engine behind train.py and test.py."""
+"""Meta-training and evaluation: the engine behind train.py and test.py.
+
+A run can stop and continue exactly. Every checkpoint holds theta, phi (and the generator), both
+optimizers, the (future) LR schedulers, the TrainState (counters, best-validation record, the
+current epoch's running losses) and every RNG state; the training episodes are a pure function of
+(run.seed, task index), so the stream position is the step counter. On CPU with the same settings
+an interrupted and resumed run writes the same metrics.jsonl (apart from the wall-clock `seconds`
+field) and the same weights, bit for bit, as an uninterrupted one.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import checkpoint
-from .config import Config
+from .config import Config, ConfigError, to_dict
 from .data import EpisodeDataset, build_episodes, build_split, episode_loader
 from .meta_learner import MetaLearner, build_meta_learner
 from .run_log import RunLog
@@ -24,7 +35,62 @@ from .runtime import mean_confidence_interval, resolve_device, seed_everything
 # scored on the same fixed task lists.
 EVAL_SEED = 0
 
+# Exit statuses of train.py besides 0 (done) and 1 (error); Python itself uses 1 and 2.
+EXIT_STOPPED = 3  # stopped by SIGTERM/SIGINT after checkpointing: resumable
+EXIT_DIVERGED = 4  # the NaN guard stopped the run (a checkpoint of the last good state was written)
+
 Report = Callable[[str], None]
+
+
+class TrainingStopped(Exception):
+    """fit() stopped on request after checkpointing; the run can be resumed."""
+
+    def __init__(self, message: str, checkpoint_path: Path):
+        super().__init__(message)
+        self.checkpoint_path = checkpoint_path
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive meta-batches had a non-finite outer loss or gradient."""
+
+    def __init__(self, message: str, checkpoint_path: Path):
+        super().__init__(message)
+        self.checkpoint_path = checkpoint_path
+
+
+class StopSignal:
+    """Context manager: the first SIGTERM/SIGINT asks the training loop to stop after the current
+    meta-batch (call the object to ask whether one came); a second one ends the process at once.
+
+    Installed by the entry point around fit(), never on import; outside the main thread it does
+    nothing.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # second signal: die of it, now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 def make_optimizer(kind: str, params: list[torch.nn.Parameter], lr: float,
@@ -37,13 +103,20 @@ def make_optimizer(kind: str, params: list[torch.nn.Parameter], lr: float,
 
 @dataclass
 class TrainState:
-    """Counters and the best-validation record; saved in every checkpoint."""
+    """Counters, the best-validation record and the running epoch; saved in every checkpoint."""
 
     epoch: int = 0  # epochs completed
-    step: int = 0  # meta-batches completed
+    step: int = 0  # meta-batches completed (skipped ones included): the episode stream position
     best_val_accuracy: float = -1.0
     best_val_ci: float = float("nan")
     best_epoch: int = 0
+    skipped_steps: int = 0  # updates skipped by the NaN guard, over the whole run
+    bad_streak: int = 0  # consecutive skipped updates up to now
+    # The epoch in progress, so a mid-epoch checkpoint reproduces its train record exactly.
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_accuracies: list[float] = field(default_factory=list)
+    epoch_skipped: int = 0
+    epoch_seconds: float = 0.0  # wall-clock seconds spent in the epoch before the last checkpoint
 
 
 @dataclass
@@ -58,6 +131,9 @@ class Experiment:
     train_episodes: EpisodeDataset
     val_episodes: EpisodeDataset
     state: TrainState = field(default_factory=TrainState)
+    # RNG states from a checkpoint, applied by fit() once its episode loader exists (creating a
+    # DataLoader iterator draws from torch's generator, which the uninterrupted run did earlier).
+    pending_rng: Optional[dict] = None
 
 
 def build_experiment(config: Config, device: Optional[torch.device] = None) -> Experiment:
@@ -81,14 +157,26 @@ def build_experiment(config: Config, device: Optional[torch.device] = None) -> E
     )
 
 
-def outer_step(exp: Experiment, batch) -> tuple[float, float]:
-    """One meta-update on a batch of tasks; returns (outer loss, mean query accuracy)."""
+def outer_step(exp: Experiment, batch) -> tuple[float, float, bool]:
+    """One meta-update on a batch of tasks; returns (outer loss, mean query accuracy, applied).
+
+    If the loss or any gradient is not finite, no parameter or optimizer state changes and
+    `applied` is False.
+    """
     learner, config = exp.learner, exp.config
     optimizers = [o for o in (exp.theta_optimizer, exp.mask_optimizer) if o is not None]
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss, _, accuracies = learner(batch, config.inner.steps)
-    loss.backward()
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        loss.backward()
+        grads = [p.grad for p in learner.parameters() if p.grad is not None]
+        finite = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+    if not finite:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return loss.item(), accuracies.mean().item(), False
     if config.outer.grad_clamp is not None:  # theta only, as in the reference
         c = config.outer.grad_clamp
         for p in learner.theta_parameters():
@@ -96,7 +184,7 @@ def outer_step(exp: Experiment, batch) -> tuple[float, float]:
                 p.grad.clamp_(-c, c)
     for opt in optimizers:
         opt.step()
-    return loss.item(), accuracies.mean().item()
+    return loss.item(), accuracies.mean().item(), True
 
 
 def evaluate(learner: MetaLearner, episodes: EpisodeDataset, num_tasks: int, tasks_per_batch: int,
@@ -119,71 +207,183 @@ def rng_states() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def save_last(exp: Experiment, run_dir: Path) -> None:
-    """Checkpoint everything needed to continue this run."""
+def set_rng_states(states: dict) -> None:
+    """Restore what rng_states() returned (CUDA states only where the same devices exist)."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def save_checkpoint(exp: Experiment, run_dir: Path, log: RunLog) -> Path:
+    """Checkpoint everything needed to continue this run as checkpoint-<step>.pt; keep the last k."""
+    path = Path(run_dir) / checkpoint.checkpoint_name(exp.state.step)
+    log.flush()
     checkpoint.save_atomic({
+        "format": checkpoint.FORMAT,
         "learner": exp.learner.state_dict(),
         "theta_optimizer": exp.theta_optimizer.state_dict(),
         "mask_optimizer": exp.mask_optimizer.state_dict() if exp.mask_optimizer else None,
+        "schedulers": {},  # name -> state_dict, for LR schedulers once there are any
         "state": dataclasses.asdict(exp.state),
         "rng": rng_states(),
-    }, run_dir / checkpoint.LAST)
+        "metrics_bytes": log.size(),
+        "config": to_dict(exp.config),
+    }, path)
+    checkpoint.prune(run_dir, exp.config.run.keep_checkpoints)
+    return path
 
 
-def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print) -> TrainState:
-    """Meta-train for config.train.epochs, validating and keeping the best checkpoint."""
+def restore_checkpoint(exp: Experiment, saved: dict, path: Path) -> None:
+    """Load a checkpoint written by save_checkpoint into a freshly built experiment."""
+    missing = [k for k in ("learner", "theta_optimizer", "mask_optimizer", "state", "rng",
+                           "metrics_bytes") if k not in saved]
+    if missing or saved.get("format") != checkpoint.FORMAT:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} is not a training checkpoint of this version "
+            f"(format {saved.get('format')!r}, missing {', '.join(missing) or 'nothing'})")
+    try:
+        exp.learner.load_state_dict(saved["learner"])
+        exp.theta_optimizer.load_state_dict(saved["theta_optimizer"])
+        if (saved["mask_optimizer"] is None) != (exp.mask_optimizer is None):
+            raise ValueError("the checkpoint and the config disagree on whether phi is learned")
+        if exp.mask_optimizer is not None:
+            exp.mask_optimizer.load_state_dict(saved["mask_optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} does not fit the model built from the config: {err}") from err
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    exp.state = TrainState(**{k: v for k, v in saved["state"].items() if k in known})
+    train = exp.config.train
+    done_in_epoch = exp.state.step - exp.state.epoch * train.batches_per_epoch
+    if not 0 <= done_in_epoch <= train.batches_per_epoch:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path}: step {exp.state.step} after {exp.state.epoch} epochs does not fit "
+            f"train.batches_per_epoch={train.batches_per_epoch}")
+    if exp.state.epoch > train.epochs:
+        raise ConfigError(f"train.epochs={train.epochs}, but {path} has already completed "
+                          f"{exp.state.epoch} epochs")
+    exp.pending_rng = saved["rng"]
+
+
+def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, bar: tqdm) -> None:
+    """Score the fixed validation tasks; keep best.pt; log and print the epoch."""
+    config, learner, state, train_cfg = exp.config, exp.learner, exp.state, exp.config.train
+    epoch = state.epoch
+    accs = evaluate(learner, exp.val_episodes, train_cfg.num_val_tasks, train_cfg.eval_batch_size,
+                    config.inner.eval_steps, exp.device, config.data.num_workers,
+                    desc="validate" if config.run.progress else None)
+    mean, ci = mean_confidence_interval(accs)
+    is_best = epoch >= train_cfg.val_from_epoch and mean > state.best_val_accuracy
+    if is_best:
+        state.best_val_accuracy, state.best_val_ci, state.best_epoch = mean, ci, epoch
+        checkpoint.save_atomic({"learner": learner.state_dict(), "epoch": epoch, "step": state.step,
+                                "val_accuracy": mean, "val_ci": ci}, run_dir / checkpoint.BEST)
+    log.log("val", state.step, epoch=epoch, accuracy=mean, ci95=ci, best=is_best,
+            best_epoch=state.best_epoch)
+    sparsity_text = (f", mask sparsity {record['mask_sparsity']:.1%}"
+                     if "mask_sparsity" in record else "")
+    bar.write(f"epoch {epoch}: train loss {record['loss']:.3f}, "
+              f"val accuracy {mean:.2%} +- {ci:.2%}{sparsity_text}" + (" (best)" if is_best else ""))
+
+
+def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
+        should_stop: Callable[[], bool] = lambda: False) -> TrainState:
+    """Meta-train for config.train.epochs from exp.state, validating and checkpointing.
+
+    Checkpoints after every epoch, every run.checkpoint_every meta-batches, and before raising
+    TrainingStopped (should_stop() returned True after a meta-batch) or TrainingDiverged
+    (outer.max_bad_steps consecutive non-finite updates, each skipped).
+    """
     config, learner, state = exp.config, exp.learner, exp.state
     train_cfg, tasks = config.train, config.outer.meta_batch_size
-    total = train_cfg.epochs * train_cfg.batches_per_epoch
-    bar = tqdm(total=total, initial=state.step, desc="meta-train", dynamic_ncols=True,
-               disable=not config.run.progress)
+    bpe, every = train_cfg.batches_per_epoch, config.run.checkpoint_every
+    bar = tqdm(total=train_cfg.epochs * bpe, initial=state.step, desc="meta-train",
+               dynamic_ncols=True, disable=not config.run.progress)
     pin = exp.device.type == "cuda"
+    clock = time.time()
+
+    def save(mid_epoch: bool = True) -> Path:
+        nonlocal clock
+        if mid_epoch:  # carry the epoch's training time so far into the checkpoint
+            now = time.time()
+            state.epoch_seconds += now - clock
+            clock = now
+        return save_checkpoint(exp, run_dir, log)
+
     while state.epoch < train_cfg.epochs:
         epoch = state.epoch + 1
-        started = time.time()
-        loader = episode_loader(exp.train_episodes, state.step * tasks,
-                                train_cfg.batches_per_epoch * tasks, tasks, config.data.num_workers,
-                                pin_memory=pin)
-        losses, accuracies = [], []
-        for batch in loader:
-            loss, acc = outer_step(exp, batch.to(exp.device, non_blocking=True))
-            losses.append(loss)
-            accuracies.append(acc)
+        done = state.step - state.epoch * bpe  # meta-batches of this epoch already done (resume)
+        batches = iter(episode_loader(exp.train_episodes, state.step * tasks, (bpe - done) * tasks,
+                                      tasks, config.data.num_workers, pin_memory=pin))
+        if exp.pending_rng is not None:
+            set_rng_states(exp.pending_rng)
+            exp.pending_rng = None
+        for batch in batches:
+            loss, acc, applied = outer_step(exp, batch.to(exp.device, non_blocking=True))
             state.step += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+            if applied:
+                state.bad_streak = 0
+                state.epoch_losses.append(loss)
+                state.epoch_accuracies.append(acc)
+                bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+            else:
+                state.bad_streak += 1
+                state.skipped_steps += 1
+                state.epoch_skipped += 1
+                bar.write(f"step {state.step}: non-finite outer loss ({loss}) or gradient; "
+                          f"update skipped ({state.bad_streak} in a row)")
+                if state.bad_streak >= config.outer.max_bad_steps:
+                    log.log("diverged", state.step, epoch=epoch, bad_streak=state.bad_streak,
+                            skipped_steps=state.skipped_steps)
+                    path = save()
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"stopped: {state.bad_streak} consecutive meta-batches (up to step "
+                        f"{state.step}) had a non-finite outer loss or gradient "
+                        f"(outer.max_bad_steps={config.outer.max_bad_steps}); the weights in {path} "
+                        "are the last good ones. Lower outer.lr, outer.mask_lr or inner.step_size, "
+                        "or set outer.grad_clamp.", path)
+            if should_stop():
+                path = save()
+                bar.close()
+                raise TrainingStopped(f"stopped at step {state.step} (epoch {epoch}); checkpoint "
+                                      f"{path}", path)
+            if every and state.step % every == 0 and state.step % bpe != 0:
+                save()
         sparsity = learner.mask_sparsity()
-        record = {"epoch": epoch, "loss": float(np.mean(losses)),
-                  "accuracy": float(np.mean(accuracies)), "seconds": time.time() - started}
+        losses, accuracies = state.epoch_losses, state.epoch_accuracies
+        record = {"epoch": epoch,
+                  "loss": float(np.mean(losses)) if losses else float("nan"),
+                  "accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
+                  "skipped_steps": state.epoch_skipped,
+                  "seconds": state.epoch_seconds + time.time() - clock}
         if sparsity:
             record["mask_sparsity"] = float(sparsity.pop("mean"))
             record["layer_sparsity"] = sparsity
         log.log("train", state.step, **record)
         state.epoch = epoch
+        state.epoch_losses, state.epoch_accuracies = [], []
+        state.epoch_skipped, state.epoch_seconds = 0, 0.0
         if epoch % train_cfg.val_every == 0 or epoch == train_cfg.epochs:
-            accs = evaluate(learner, exp.val_episodes, train_cfg.num_val_tasks,
-                            train_cfg.eval_batch_size, config.inner.eval_steps, exp.device,
-                            config.data.num_workers, desc="validate" if config.run.progress else None)
-            mean, ci = mean_confidence_interval(accs)
-            is_best = epoch >= train_cfg.val_from_epoch and mean > state.best_val_accuracy
-            if is_best:
-                state.best_val_accuracy, state.best_val_ci, state.best_epoch = mean, ci, epoch
-                checkpoint.save_atomic({"learner": learner.state_dict(), "epoch": epoch,
-                                        "val_accuracy": mean, "val_ci": ci},
-                                       run_dir / checkpoint.BEST)
-            log.log("val", state.step, epoch=epoch, accuracy=mean, ci95=ci, best=is_best,
-                    best_epoch=state.best_epoch)
-            sparsity_text = (f", mask sparsity {record['mask_sparsity']:.1%}"
-                             if "mask_sparsity" in record else "")
-            bar.write(f"epoch {epoch}: train loss {record['loss']:.3f}, "
-                      f"val accuracy {mean:.2%} +- {ci:.2%}{sparsity_text}"
-                      + (" (best)" if is_best else ""))
-        save_last(exp, run_dir)
+            _validate_epoch(exp, run_dir, log, record, bar)
+        path = save(mid_epoch=False)
+        clock = time.time()  # the next epoch's time starts here, validation excluded
+        if should_stop():
+            bar.close()
+            raise TrainingStopped(f"stopped after epoch {epoch} (step {state.step}); checkpoint "
+                                  f"{path}", path)
     bar.close()
+    if exp.pending_rng is not None:  # resumed a run whose training was already complete
+        set_rng_states(exp.pending_rng)
+        exp.pending_rng = None
     if state.best_epoch == 0:  # val_from_epoch beyond the last epoch: keep the final weights
         checkpoint.save_atomic({"learner": learner.state_dict(), "epoch": state.epoch,
-                                "val_accuracy": float("nan"), "val_ci": float("nan")},
-                               run_dir / checkpoint.BEST)
+                                "step": state.step, "val_accuracy": float("nan"),
+                                "val_ci": float("nan")}, run_dir / checkpoint.BEST)
         report(f"no validation after train.val_from_epoch={train_cfg.val_from_epoch}: "
                "best.pt holds the final weights")
     return state
