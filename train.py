@@ -80,6 +80,32 @@ def print_sparsity(sparsity: dict[str, float]) -> None:
     print(f"  {'all masked weights':<{width}}  {mean:6.1%}")
 
 
+def cross_domain_configs(config: Config, image_size: int) -> list[Config]:
+    """One config per configured cross-domain root: its test split, at the training image size."""
+    configs = []
+    for name, root in dataclasses.asdict(config.cross_domain).items():
+        if root:
+            data = dataclasses.replace(config.data, name=name, root=root, layout="auto",
+                                       image_size=image_size, download=False)
+            configs.append(dataclasses.replace(config, data=data))
+    return configs
+
+
+def test_best(config: Config, run_dir: Path, exp, log: RunLog) -> None:
+    """Test the best checkpoint on the run's own test split, then on each cross-domain dataset."""
+    for test_config in [config, *cross_domain_configs(config, exp.learner.image_size)]:
+        accs, info = test_checkpoint(test_config, run_dir, "test", exp.device)
+        mean, ci = mean_confidence_interval(accs)
+        name = test_config.data.name
+        log.log("test", exp.state.step, dataset=name, split="test", accuracy=mean, ci95=ci,
+                num_tasks=len(accs), steps=config.inner.eval_steps, epoch=info["epoch"],
+                sparsity=info["sparsity"])
+        chance = 1 / config.data.num_ways
+        print(f"test accuracy ({name}, {len(accs)} tasks, best checkpoint of epoch "
+              f"{info['epoch']}): {mean:.2%} +- {ci:.2%} (95% CI; chance {chance:.0%})")
+    print_sparsity(info["sparsity"])
+
+
 def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
     """Train (or continue the run in resume_dir), then test the best checkpoint; returns the run folder."""
     if resume_dir is not None:
@@ -123,15 +149,7 @@ def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
         print(f"best validation accuracy {state.best_val_accuracy:.2%} +- {state.best_val_ci:.2%} "
               f"(epoch {state.best_epoch})")
         if config.train.test_after_training:
-            accs, info = test_checkpoint(config, run_dir, "test", exp.device)
-            mean, ci = mean_confidence_interval(accs)
-            log.log("test", state.step, dataset=config.data.name, split="test", accuracy=mean,
-                    ci95=ci, num_tasks=len(accs), steps=config.inner.eval_steps,
-                    epoch=info["epoch"], sparsity=info["sparsity"])
-            chance = 1 / config.data.num_ways
-            print(f"test accuracy ({config.data.name}, {len(accs)} tasks, best checkpoint of epoch "
-                  f"{info['epoch']}): {mean:.2%} +- {ci:.2%} (95% CI; chance {chance:.0%})")
-            print_sparsity(info["sparsity"])
+            test_best(config, run_dir, exp, log)
     finally:
         log.close()
     return run_dir

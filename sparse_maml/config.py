@@ -172,6 +172,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CrossDomainConfig:
+    """Roots of datasets on which train.py also tests the best checkpoint (empty: skipped)."""
+
+    tieredimagenet: str = ""
+    """Root of tieredImageNet (test split, 160 classes)."""
+    cub: str = ""
+    """Root of CUB-200-2011 (test split, 50 classes)."""
+    cars: str = ""
+    """Root of Stanford Cars (test split, 49 classes)."""
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,6 +191,7 @@ class Config:
     inner: InnerConfig = field(default_factory=InnerConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cross_domain: CrossDomainConfig = field(default_factory=CrossDomainConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,4 +133,6 @@ def build_meta_learner(config: Config, in_channels: int, image_size: int) -> Met
     """Backbone and masks as configured (seed torch first for a reproducible init)."""
     model = build_model(config.model.arch, in_channels, config.data.num_ways, image_size,
                         config.model.widths)
-    return MetaLearner(model, config)
+    learner = MetaLearner(model, config)
+    learner.in_channels, learner.image_size = in_channels, image_size  # the inputs it was built for
+    return learner

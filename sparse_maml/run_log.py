@@ -34,6 +34,7 @@ RESUMABLE_CHANGES = frozenset({
     "outer.max_bad_steps",
     "train.epochs", "train.val_every", "train.val_from_epoch", "train.num_test_tasks",
     "train.eval_batch_size", "train.test_after_training",
+    "cross_domain.tieredimagenet", "cross_domain.cub", "cross_domain.cars",
 })
 
 

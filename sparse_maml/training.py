@@ -152,8 +152,9 @@ def build_experiment(config: Config, device: Optional[torch.device] = None) -> E
     return Experiment(
         config=config, device=device, learner=learner, theta_optimizer=theta_opt,
         mask_optimizer=mask_opt,
-        train_episodes=build_episodes(config.data, train_split, config.run.seed, config.data.augment),
-        val_episodes=build_episodes(config.data, val_split, EVAL_SEED, augment=False),
+        train_episodes=build_episodes(config.data, train_split, config.run.seed, config.data.augment,
+                                      device=device),
+        val_episodes=build_episodes(config.data, val_split, EVAL_SEED, augment=False, device=device),
     )
 
 
@@ -404,7 +405,7 @@ def test_checkpoint(config: Config, run_dir: Path, split: str = "test",
         raise checkpoint.CheckpointError(
             f"{Path(run_dir) / checkpoint.BEST} does not fit the model built from the config "
             f"(did an override change model.*, data.num_ways or the input channels?): {err}") from err
-    episodes = build_episodes(config.data, data_split, EVAL_SEED, augment=False)
+    episodes = build_episodes(config.data, data_split, EVAL_SEED, augment=False, device=device)
     accs = evaluate(learner, episodes, config.train.num_test_tasks, config.train.eval_batch_size,
                     config.inner.eval_steps, device, config.data.num_workers,
                     desc=f"test {config.data.name}/{split}" if config.run.progress else None)

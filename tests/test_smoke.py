@@ -57,3 +57,22 @@ def test_typo_in_override_is_a_clear_error(tmp_path):
     assert "unknown key inner.stepz" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists(), "a failed config must not leave a run folder"
+
+
+def test_miniimagenet_run_with_cross_domain_test(tmp_path):
+    """Train on a tiny MiniImageNet (pickle layout), then test on CUB automatically."""
+    from sparse_maml.data import fixtures
+
+    mini = fixtures.write_miniimagenet(tmp_path / "mini", "pickle",
+                                       fixtures.make_miniimagenet(per_class=4))
+    cub = fixtures.write_cub(tmp_path / "cub", per_class=4, size=40)
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY if "num_test_tasks" not in o and "epochs" not in o]
+    result = run(str(ROOT / "train.py"), *overrides, "data.name=miniimagenet", f"data.root={mini}",
+                 "data.num_ways=3", "data.num_shots=1", "train.epochs=1", "train.num_test_tasks=3",
+                 f"cross_domain.cub={cub}", f"run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"test accuracy \(miniimagenet, 3 tasks", result.stdout)
+    assert re.search(r"test accuracy \(cub, 3 tasks", result.stdout)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dataset"] for r in records if r["kind"] == "test"] == ["miniimagenet", "cub"]
