@@ -10,7 +10,7 @@ from sparse_maml.meta_learner import build_meta_learner
 
 from helpers import random_tasks
 
-# Every variant of SPEC.md section 2, on Conv4; the last rows on a narrow ResNet-12.
+# Every inner-loop variant on Conv4; the last rows on a narrow ResNet-12.
 VARIANTS = {
     "maml-first-order": ["inner.mask=none"],
     "maml-second-order": ["inner.mask=none", "inner.first_order=false"],

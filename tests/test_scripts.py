@@ -53,7 +53,7 @@ def test_every_row_has_a_config_and_every_config_a_row():
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_dry_run_prints_one_command_per_row_with_the_right_shots(debug):
-    """One line per row; every '1shot' row trains 1-shot (the reference passed 5, SPEC 6)."""
+    """One line per row; every '1shot' row trains 1-shot (the reference's script passed 5)."""
     out = run(LAUNCHER, "--dry-run", *(["--debug"] if debug else [])).stdout.strip().splitlines()
     assert len(out) == len(rows())
     dirs = set()

@@ -26,7 +26,7 @@ from sparse_maml.data import Task  # noqa: E402
 from sparse_maml.meta_learner import build_meta_learner  # noqa: E402
 from sparse_maml.runtime import resolve_device  # noqa: E402
 
-# name -> (overrides, image size, channels). "paper": the settings of SPEC.md sections 5 and 7.
+# name -> (overrides, image size, channels). "paper": the paper's training settings.
 SHAPES = {
     "paper": {
         "conv4 sparse-MAML 5-shot": (["model.widths=[64,64,64,64]", "data.num_shots=5",
