@@ -118,7 +118,24 @@ def decode_image(data: bytes | str | Path, channels: int, where: str,
     return to_chw(array, channels)
 
 
-class ArraySplit(FewShotSplit):
+class NamedClassSplit(FewShotSplit):
+    """A split whose classes have names (WordNet ids, folder names); the common constructor."""
+
+    def __init__(self, name: str, split: str, class_names: list[str], channels: int,
+                 native_size: int, normalize: bool):
+        self.name, self.split, self.channels = name, split, channels
+        self.native_size, self.normalize = native_size, normalize
+        self.class_names = list(class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label]
+
+
+class ArraySplit(NamedClassSplit):
     """A split whose images are rows of uint8 arrays (NumPy, memory-mapped .npy, pickled cache).
 
     Class c is `arrays[c]` (one array per class) or the rows `rows[c]` of the shared `arrays[0]`.
@@ -128,19 +145,10 @@ class ArraySplit(FewShotSplit):
     def __init__(self, name: str, split: str, class_names: list[str], arrays: list[Any],
                  rows: Optional[list[np.ndarray]] = None, channels: int = 3, native_size: int = 84,
                  normalize: bool = True, source: str = ""):
-        self.name, self.split, self.channels = name, split, channels
-        self.native_size, self.normalize = native_size, normalize
-        self.class_names = list(class_names)
+        super().__init__(name, split, class_names, channels, native_size, normalize)
         self.arrays = arrays
         self.rows = rows
         self.source = source
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def class_name(self, label: int) -> str:
-        return self.class_names[label]
 
     def class_size(self, label: int) -> int:
         return len(self.rows[label]) if self.rows is not None else len(self.arrays[label])
@@ -167,23 +175,14 @@ class ArraySplit(FewShotSplit):
         return images
 
 
-class EncodedSplit(FewShotSplit):
+class EncodedSplit(NamedClassSplit):
     """A split of encoded image files (PNG/JPEG bytes) held in memory, decoded on use."""
 
     def __init__(self, name: str, split: str, class_names: list[str], encoded: list[Sequence[Any]],
                  channels: int = 3, native_size: int = 84, normalize: bool = True, source: str = ""):
-        self.name, self.split, self.channels = name, split, channels
-        self.native_size, self.normalize = native_size, normalize
-        self.class_names = list(class_names)
+        super().__init__(name, split, class_names, channels, native_size, normalize)
         self.encoded = encoded
         self.source = source
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def class_name(self, label: int) -> str:
-        return self.class_names[label]
 
     def class_size(self, label: int) -> int:
         return len(self.encoded[label])
@@ -194,7 +193,7 @@ class EncodedSplit(FewShotSplit):
         return decode_image(data, self.channels, where)
 
 
-class ImageFileSplit(FewShotSplit):
+class ImageFileSplit(NamedClassSplit):
     """A split of image files on disk, decoded on use; optional crop boxes and class rotations.
 
     `files[c]` lists the files of class c; `boxes[c][i]` (optional) is the (x1, y1, x2, y2) crop of
@@ -206,20 +205,11 @@ class ImageFileSplit(FewShotSplit):
                  channels: int = 3, native_size: int = 84, normalize: bool = True,
                  boxes: Optional[list[list[Sequence[int]]]] = None,
                  rotations: Optional[list[int]] = None, invert: bool = False):
-        self.name, self.split, self.channels = name, split, channels
-        self.native_size, self.normalize = native_size, normalize
-        self.class_names = list(class_names)
+        super().__init__(name, split, class_names, channels, native_size, normalize)
         self.files = files
         self.boxes = boxes
         self.rotations = rotations
         self.invert = invert
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def class_name(self, label: int) -> str:
-        return self.class_names[label]
 
     def class_size(self, label: int) -> int:
         return len(self.files[label])
