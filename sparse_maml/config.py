@@ -344,6 +344,17 @@ def to_dict(config: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"inner": {"mask": "none"}} -> {"inner.mask": "none"}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     with open(path, "w") as f:

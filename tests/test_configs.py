@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import train
@@ -24,13 +23,7 @@ TABLE_CONFIGS = [p for p in RUN_CONFIGS if p.stem != "demo"]
 PAPER = yaml.safe_load((CONFIGS / "paper_results.yaml").read_text())["accuracy"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Debug runs are tiny: one intra-op thread is several times faster than two on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def debug_overrides() -> list[str]:

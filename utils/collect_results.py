@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparse_maml.config import Config, to_dict  # noqa: E402
+from sparse_maml.config import Config, flatten, to_dict  # noqa: E402
 
 PAPER_FILE = ROOT / "configs" / "paper_results.yaml"
 METHOD_LABELS = {
@@ -47,17 +47,6 @@ HOUSEKEEPING = ("run.", "data.root", "data.layout", "data.download", "data.num_w
 # Test-time overrides (test.py) that keep a record comparable: where the data lives.
 DATA_LOCATION = ("data.name", "data.root", "data.layout", "data.download", "data.num_workers",
                  "data.on_device", "train.eval_batch_size", "run.")
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"inner": {"mask": "none"}} -> {"inner.mask": "none"}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 DEFAULTS = flatten(to_dict(Config()))
