@@ -51,6 +51,15 @@ SHAPES = {
                                             "inner.adapt_batchnorm=false", "data.num_shots=1",
                                             "inner.steps=3", "outer.meta_batch_size=2"], 28, 1),
     },
+    "tiny": {  # a smoke test of the script itself (the test suite runs it)
+        "conv4-w4 sparse-MAML 1-shot": (["model.widths=[4,4,4,4]", "data.num_shots=1",
+                                         "data.num_query=2", "inner.steps=2",
+                                         "outer.meta_batch_size=2"], 16, 1),
+        "resnet12-w2 sparse-ReLU 1-shot": (["model.arch=resnet12", "model.widths=[2,2,2,2]",
+                                            "inner.mask=relu_ste", "inner.mask_init=constant",
+                                            "data.num_shots=1", "data.num_query=2", "inner.steps=1",
+                                            "outer.meta_batch_size=2"], 16, 1),
+    },
 }
 IMPLEMENTATIONS = ("reference", "loop", "vmap")
 
@@ -105,16 +114,16 @@ def time_implementation(overrides: list[str], size: int, channels: int, implemen
     return repeats * config.outer.meta_batch_size / seconds, peak
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default=None,
-                        help="paper (default on CUDA) or small (default on CPU)")
+                        help="paper (default on CUDA), small (default on CPU) or tiny (smoke test)")
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS),
                         choices=IMPLEMENTATIONS)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
     shapes = SHAPES[args.shapes or ("paper" if device.type == "cuda" else "small")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
