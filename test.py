@@ -3,14 +3,17 @@
     python test.py runs/my_run                                   # the run's own test split
     python test.py runs/my_run data.name=cub data.root=data/cub  # cross-domain
     python test.py runs/my_run inner.eval_steps=100 --split val
+    torchrun --nproc_per_node=4 test.py runs/my_run   # the tasks split over 4 GPUs, same numbers
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from sparse_maml import distributed
 from sparse_maml.checkpoint import CheckpointError
 from sparse_maml.config import ConfigError, load_config, read_yaml
 from sparse_maml.data import DataError
@@ -29,8 +32,15 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     config = load_config(None, args.overrides, base=read_yaml(run_dir / "config.yaml"))
-    accs, info = test_checkpoint(config, run_dir, args.split)
+    device = distributed.setup(config.run.device)
+    try:
+        accs, info = test_checkpoint(config, run_dir, args.split, device)
+        main_process = distributed.is_main_process()
+    finally:
+        distributed.cleanup()
     mean, ci = mean_confidence_interval(accs)
+    if not main_process:  # every process has the same numbers; rank 0 reports them
+        return mean, ci
     log = RunLog(run_dir, tensorboard=False)
     log.log("test", -1, dataset=config.data.name, split=args.split, accuracy=mean, ci95=ci,
             num_tasks=len(accs), steps=config.inner.eval_steps, epoch=info["epoch"],
@@ -45,4 +55,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, DataError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {err}" if os.environ.get("RANK", "0") == "0" else 1)

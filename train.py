@@ -9,22 +9,29 @@
 SIGTERM or SIGINT (Ctrl-C) finishes the current meta-batch, writes a checkpoint and exits with
 status 3; a second signal exits at once. Exit statuses: 0 done, 1 error (message on stderr),
 3 stopped and resumable, 4 stopped by the NaN guard (outer.max_bad_steps). See docs/runs.md.
+
+    torchrun --nproc_per_node=4 train.py -c configs/x.yaml   # one meta-batch split over 4 GPUs
+
+Under torchrun each meta-batch and each evaluation is split across the processes, with the same
+results as one process; only rank 0 prints and writes the run folder. See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from sparse_maml import checkpoint
+from sparse_maml import checkpoint, distributed
 from sparse_maml.checkpoint import CheckpointError
 from sparse_maml.config import Config, ConfigError, load_config, read_yaml
 from sparse_maml.data import DataError
-from sparse_maml.run_log import (CONFIG, RunLog, check_existing_run, holds_run, make_run_dir,
-                                 new_run_dir, write_config)
+from sparse_maml.run_log import (CONFIG, NullRunLog, RunLog, check_existing_run, holds_run,
+                                 make_run_dir, new_run_dir, write_config)
 from sparse_maml.runtime import mean_confidence_interval
 from sparse_maml.training import (EXIT_DIVERGED, EXIT_STOPPED, StopSignal, TrainingDiverged,
                                   TrainingStopped, build_experiment, fit, restore_checkpoint,
@@ -107,36 +114,64 @@ def test_best(config: Config, run_dir: Path, exp, log: RunLog) -> None:
 
 
 def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
-    """Train (or continue the run in resume_dir), then test the best checkpoint; returns the run folder."""
+    """Train (or continue the run in resume_dir), then test the best checkpoint; returns the run
+    folder.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group first and leaves it at the end;
+    processes other than rank 0 print nothing and write no file.
+    """
+    device = distributed.setup(config.run.device)
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(
+                sys.stdout if distributed.is_main_process() else sink):
+            return _train(config, resume_dir, device)
+    finally:
+        distributed.cleanup()
+
+
+def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
+    """main() once the device (and process group) is set up."""
+    main_process = distributed.is_main_process()
     if resume_dir is not None:
         changes = check_existing_run(config, resume_dir)  # before any file is touched
         run_dir = resume_dir
-    else:
-        run_dir = new_run_dir(config)
-    exp = build_experiment(config)  # data errors surface here, before the run folder is written
+    else:  # rank 0 picks the (time-stamped) folder; every process uses that one
+        run_dir = distributed.on_main(new_run_dir, config)
+    exp = build_experiment(config, device)  # data errors surface here, before the folder is written
     learner = exp.learner
     if resume_dir is None:
-        make_run_dir(config, run_dir)
-        log = RunLog(run_dir, config.run.tensorboard)
+        distributed.on_main(make_run_dir, config, run_dir)
+        log = RunLog(run_dir, config.run.tensorboard) if main_process else NullRunLog()
     else:
-        checkpoint.remove_stale_temporaries(run_dir)
-        found = checkpoint.load_latest(run_dir)
+        if main_process:
+            checkpoint.remove_stale_temporaries(run_dir)
+        found = checkpoint.load_latest(run_dir)  # every process reads the same checkpoint
         if found is not None:
             path, saved = found
             restore_checkpoint(exp, saved, path)
-        write_config(config, run_dir / CONFIG)  # only once the checkpoint fits the new config
+        distributed.barrier()  # all have read the checkpoints before rank 0 writes anything
+        if main_process:  # only once the checkpoint fits the new config
+            write_config(config, run_dir / CONFIG)
         for key, (old, new) in changes.items():
             if key != "run.dir":
                 print(f"resume: {key}: {old!r} -> {new!r}")
-        if found is not None:
+        if not main_process:
+            log = NullRunLog()
+        elif found is not None:
             log = RunLog(run_dir, config.run.tensorboard, truncate_to=saved["metrics_bytes"],
                          purge_step=exp.state.step + 1)
+        else:
+            log = RunLog(run_dir, config.run.tensorboard, truncate_to=0, purge_step=0)
+        if found is not None:
             print(f"resuming {run_dir} from {path.name}: {exp.state.epoch} epochs and "
                   f"{exp.state.step} meta-batches done")
         else:
             print(f"{run_dir} holds no checkpoint yet: starting it from the beginning")
-            log = RunLog(run_dir, config.run.tensorboard, truncate_to=0, purge_step=0)
     print(f"run folder: {run_dir}")
+    world = distributed.world_size()
+    if world > 1:
+        print(f"torchrun: {world} processes, {config.outer.meta_batch_size // world} tasks of each "
+              f"meta-batch per process")
     print(f"device: {exp.device}; {config.model.arch} with "
           f"{sum(p.numel() for p in learner.theta_parameters()):,} weights, "
           f"{len(learner.inner_names)} tensors adapt in the inner loop, "
@@ -157,15 +192,21 @@ def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
 
 if __name__ == "__main__":
     args = parse_args()
+    # Under torchrun these errors happen on every process alike: rank 0 reports them.
+    lead = os.environ.get("RANK", "0") == "0"
     try:
         cfg, resume_from = load_run_config(args.config, args.overrides, args.resume)
         main(cfg, resume_from)
     except TrainingStopped as stopped:
-        print(f"{stopped}\nresume with: python train.py --resume {stopped.checkpoint_path.parent}",
-              flush=True)
+        if lead:
+            launcher = ("torchrun [same options] train.py" if distributed.env_world_size() > 1
+                        else "python train.py")
+            print(f"{stopped}\nresume with: {launcher} --resume {stopped.checkpoint_path.parent}",
+                  flush=True)
         sys.exit(EXIT_STOPPED)
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if lead:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
     except (ConfigError, DataError, CheckpointError, FileExistsError) as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {err}" if lead else 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,13 +66,26 @@ class MetaLearner(nn.Module):
 
     # -- masks -----------------------------------------------------------------------------
 
-    def draw_masks(self, num_tasks: int) -> tuple[Params, Params]:
-        """(masks shared by all tasks, masks with a leading task dimension) for one meta-batch."""
+    def draw_masks(self, num_tasks: int, first: int = 0, total: Optional[int] = None
+                   ) -> tuple[Params, Params]:
+        """(masks shared by all tasks, masks with a leading task dimension) for one meta-batch.
+
+        For tasks first..first+num_tasks-1 of a meta-batch of `total` (default num_tasks) tasks:
+        the generator's noise is drawn for all `total` tasks and sliced, so a task's mask does not
+        depend on how the meta-batch is split across processes.
+        """
         shared = self.mask() if self.mask is not None else {}
         per_task = {}
         if self.generator is not None:
-            per_task = self.generator(self.generator.draw_noise(num_tasks))
+            noise = self.generator.draw_noise(total or num_tasks)  # (total, features)
+            per_task = self.generator(noise[first:first + num_tasks])
         return shared, per_task
+
+    def skip_masks(self, num_tasks: int) -> None:
+        """Draw and drop the generator noise of `num_tasks` tasks, as forward() would: keeps the
+        random stream in step with a process that adapts those tasks."""
+        if self.generator is not None:
+            self.generator.draw_noise(num_tasks)
 
     @torch.no_grad()
     def mask_sparsity(self) -> dict[str, float]:
@@ -91,18 +106,22 @@ class MetaLearner(nn.Module):
 
     # -- the outer loss --------------------------------------------------------------------
 
-    def forward(self, batch: Task, steps: int, track_outer: bool = True
+    def forward(self, batch: Task, steps: int, track_outer: bool = True,
+                share: Optional[tuple[int, int]] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adapt every task of `batch` and score its query set.
 
         Returns (outer loss reduced over tasks, per-task query losses, per-task query accuracies).
-        With track_outer=False nothing is kept for an outer backward pass (evaluation).
+        With track_outer=False nothing is kept for an outer backward pass (evaluation). `share` =
+        (first task, tasks in the whole meta-batch) when `batch` is one process's part of a larger
+        meta-batch (see draw_masks).
         """
         tasks = batch.num_tasks
         params = dict(self.model.named_parameters())
         if not track_outer:
             params = {n: p.detach() for n, p in params.items()}
-        shared, per_task = self.draw_masks(tasks)
+        first, total = share if share is not None else (0, None)
+        shared, per_task = self.draw_masks(tasks, first, total)
         if self.implementation == "reference":
             logits = []
             for j in range(tasks):

@@ -182,6 +182,19 @@ class RunLog:
             self.writer.close()
 
 
+class NullRunLog(RunLog):
+    """Stands in for RunLog on torchrun processes other than rank 0: writes nothing."""
+
+    def __init__(self) -> None:
+        self.writer = None
+
+    def size(self) -> int:
+        return 0
+
+    def log(self, kind: str, step: int, **values: Any) -> None:
+        pass
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All records of a run's metrics.jsonl."""
     path = Path(run_dir) / METRICS

@@ -6,6 +6,10 @@ current epoch's running losses) and every RNG state; the training episodes are a
 (run.seed, task index), so the stream position is the step counter. On CPU with the same settings
 an interrupted and resumed run writes the same metrics.jsonl (apart from the wall-clock `seconds`
 field) and the same weights, bit for bit, as an uninterrupted one.
+
+Under torchrun (see distributed.py) every process runs this same code: each adapts its share of
+every meta-batch and of the evaluation tasks, the outer gradients and the logged numbers are summed
+across processes, and only rank 0 writes checkpoints and best.pt.
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config, ConfigError, to_dict
-from .data import EpisodeDataset, build_episodes, build_split, episode_loader
+from .data import EpisodeDataset, build_episodes, build_split, episode_loader, stack_tasks
 from .meta_learner import MetaLearner, build_meta_learner
 from .run_log import RunLog
 from .runtime import mean_confidence_interval, resolve_device, seed_everything
@@ -137,8 +142,9 @@ class Experiment:
 
 
 def build_experiment(config: Config, device: Optional[torch.device] = None) -> Experiment:
-    """Data, meta-learner and optimizers; seeds everything first."""
+    """Data, meta-learner and optimizers; seeds everything first (every process alike)."""
     device = device or resolve_device(config.run.device)
+    distributed.check_meta_batch(config.outer.meta_batch_size)
     seed_everything(config.run.seed, config.run.deterministic)
     train_split = build_split(config.data, "train")
     val_split = build_split(config.data, "val")
@@ -162,8 +168,12 @@ def outer_step(exp: Experiment, batch) -> tuple[float, float, bool]:
     """One meta-update on a batch of tasks; returns (outer loss, mean query accuracy, applied).
 
     If the loss or any gradient is not finite, no parameter or optimizer state changes and
-    `applied` is False.
+    `applied` is False. Under torchrun `batch` is this process's share of the meta-batch; the
+    loss, accuracy, gradients and the skip decision are those of the whole meta-batch, the same
+    on every process.
     """
+    if distributed.is_distributed():
+        return _outer_step_shared(exp, batch)
     learner, config = exp.learner, exp.config
     optimizers = [o for o in (exp.theta_optimizer, exp.mask_optimizer) if o is not None]
     for opt in optimizers:
@@ -178,6 +188,44 @@ def outer_step(exp: Experiment, batch) -> tuple[float, float, bool]:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         return loss.item(), accuracies.mean().item(), False
+    _apply_update(exp, optimizers)
+    return loss.item(), accuracies.mean().item(), True
+
+
+def _outer_step_shared(exp: Experiment, batch) -> tuple[float, float, bool]:
+    """outer_step for one process's share of a meta-batch split across processes."""
+    learner, config = exp.learner, exp.config
+    optimizers = [o for o in (exp.theta_optimizer, exp.mask_optimizer) if o is not None]
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    total = config.outer.meta_batch_size
+    first, share = distributed.train_share(total)
+    loss, _, accuracies = learner(batch, config.inner.steps, share=(first, total))
+    if learner.loss_reduction == "mean":  # the mean over all `total` tasks, once summed
+        loss = loss * (share / total)
+    # (summed loss, summed accuracy, processes with a non-finite loss) in one collective
+    stats = distributed.all_reduce_sum(torch.stack(
+        [loss.detach(), accuracies.sum(), (~torch.isfinite(loss.detach())).float()]))
+    global_loss, global_acc = stats[0].item(), stats[1].item() / total
+    finite = stats[2].item() == 0  # one process alone would have a non-finite sum as well
+    if finite:
+        loss.backward()
+        params = [p for p in learner.parameters() if p.grad is not None]
+        distributed.all_reduce_gradients(params)
+        grads = [p.grad for p in params]
+        local = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        finite = not distributed.any_process(not local)
+    if not finite:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return global_loss, global_acc, False
+    _apply_update(exp, optimizers)
+    return global_loss, global_acc, True
+
+
+def _apply_update(exp: Experiment, optimizers: list[torch.optim.Optimizer]) -> None:
+    """Clamp theta's gradients if configured, then step the optimizers."""
+    learner, config = exp.learner, exp.config
     if config.outer.grad_clamp is not None:  # theta only, as in the reference
         c = config.outer.grad_clamp
         for p in learner.theta_parameters():
@@ -185,20 +233,61 @@ def outer_step(exp: Experiment, batch) -> tuple[float, float, bool]:
                 p.grad.clamp_(-c, c)
     for opt in optimizers:
         opt.step()
-    return loss.item(), accuracies.mean().item(), True
 
 
 def evaluate(learner: MetaLearner, episodes: EpisodeDataset, num_tasks: int, tasks_per_batch: int,
              steps: int, device: torch.device, num_workers: int = 0,
              desc: Optional[str] = None) -> np.ndarray:
-    """Query accuracy of each of the fixed tasks 0..num_tasks-1 after `steps` inner steps."""
-    loader = episode_loader(episodes, 0, num_tasks, tasks_per_batch, num_workers,
-                            pin_memory=device.type == "cuda")
+    """Query accuracy of each of the fixed tasks 0..num_tasks-1 after `steps` inner steps.
+
+    Under torchrun each process adapts a contiguous block of the batches one process would form,
+    and every process returns all accuracies in task order. A process draws (and drops) the
+    generator noise of the other processes' batches, so every task gets the noise it gets in a
+    single process and the random stream ends where it would.
+    """
+    num_batches = -(-num_tasks // tasks_per_batch)
+    sizes = [min(tasks_per_batch, num_tasks - b * tasks_per_batch) for b in range(num_batches)]
+    blocks = [distributed.block(num_batches, r) for r in range(distributed.world_size())]
+    mine = blocks[distributed.rank()]  # batch numbers this process adapts
+    # Started first, and even for an empty block, as in one process: starting a DataLoader draws
+    # from torch's generator, which the noise comes from as well.
+    batches = iter(episode_loader(episodes, mine.start * tasks_per_batch,
+                                  sum(sizes[b] for b in mine), tasks_per_batch, num_workers,
+                                  pin_memory=device.type == "cuda"))
+    for b in range(mine.start):
+        learner.skip_masks(sizes[b])
     accuracies = []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
+    show = desc is not None and distributed.is_main_process()
+    for batch in tqdm(batches, desc=desc, total=len(mine), leave=False, disable=not show,
+                      dynamic_ncols=True):
         _, _, acc = learner(batch.to(device, non_blocking=True), steps, track_outer=False)
         accuracies.append(acc.cpu())
-    return torch.cat(accuracies).numpy()
+    for b in range(mine.stop, num_batches):
+        learner.skip_masks(sizes[b])
+    local = torch.cat(accuracies) if accuracies else torch.zeros(0)
+    return distributed.gather_blocks(local, [sum(sizes[b] for b in r) for r in blocks]).numpy()
+
+
+def train_batches(exp: Experiment, first_step: int, num_steps: int) -> Iterable:
+    """This process's share of meta-batches first_step .. first_step+num_steps-1.
+
+    Meta-batch s holds training episodes s*T .. s*T+T-1 (T = outer.meta_batch_size); under torchrun
+    rank r takes the r-th contiguous share of T / world_size of them, so which episodes a task gets
+    depends only on (run.seed, step, task), never on the number of processes.
+    """
+    config, tasks = exp.config, exp.config.outer.meta_batch_size
+    pin = exp.device.type == "cuda"
+    if not distributed.is_distributed():
+        return episode_loader(exp.train_episodes, first_step * tasks, num_steps * tasks, tasks,
+                              config.data.num_workers, pin_memory=pin)
+    first, share = distributed.train_share(tasks)
+    indices = [s * tasks + first + j for s in range(first_step, first_step + num_steps)
+               for j in range(share)]
+    dataset = exp.train_episodes
+    if dataset.on_device:
+        return (dataset.batch(indices[i:i + share]) for i in range(0, len(indices), share))
+    return DataLoader(dataset, sampler=indices, batch_size=share, collate_fn=stack_tasks,
+                      num_workers=config.data.num_workers, pin_memory=pin)
 
 
 def rng_states() -> dict:
@@ -219,8 +308,13 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(exp: Experiment, run_dir: Path, log: RunLog) -> Path:
-    """Checkpoint everything needed to continue this run as checkpoint-<step>.pt; keep the last k."""
+    """Checkpoint everything needed to continue this run as checkpoint-<step>.pt; keep the last k.
+
+    Returns the path on every process; only rank 0 writes.
+    """
     path = Path(run_dir) / checkpoint.checkpoint_name(exp.state.step)
+    if not distributed.is_main_process():  # every process holds the same state; rank 0 writes it
+        return path
     log.flush()
     checkpoint.save_atomic({
         "format": checkpoint.FORMAT,
@@ -280,6 +374,7 @@ def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, b
     is_best = epoch >= train_cfg.val_from_epoch and mean > state.best_val_accuracy
     if is_best:
         state.best_val_accuracy, state.best_val_ci, state.best_epoch = mean, ci, epoch
+    if is_best and distributed.is_main_process():
         checkpoint.save_atomic({"learner": learner.state_dict(), "epoch": epoch, "step": state.step,
                                 "val_accuracy": mean, "val_ci": ci}, run_dir / checkpoint.BEST)
     log.log("val", state.step, epoch=epoch, accuracy=mean, ci95=ci, best=is_best,
@@ -299,11 +394,11 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
     (outer.max_bad_steps consecutive non-finite updates, each skipped).
     """
     config, learner, state = exp.config, exp.learner, exp.state
-    train_cfg, tasks = config.train, config.outer.meta_batch_size
+    train_cfg = config.train
     bpe, every = train_cfg.batches_per_epoch, config.run.checkpoint_every
+    show = config.run.progress and distributed.is_main_process()
     bar = tqdm(total=train_cfg.epochs * bpe, initial=state.step, desc="meta-train",
-               dynamic_ncols=True, disable=not config.run.progress)
-    pin = exp.device.type == "cuda"
+               dynamic_ncols=True, disable=not show)
     clock = time.time()
 
     def save(mid_epoch: bool = True) -> Path:
@@ -314,12 +409,18 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
             clock = now
         return save_checkpoint(exp, run_dir, log)
 
+    def stop_requested() -> bool:  # agreed by all processes, so all stop after the same step
+        return distributed.any_process(should_stop())
+
     while state.epoch < train_cfg.epochs:
         epoch = state.epoch + 1
         done = state.step - state.epoch * bpe  # meta-batches of this epoch already done (resume)
-        batches = iter(episode_loader(exp.train_episodes, state.step * tasks, (bpe - done) * tasks,
-                                      tasks, config.data.num_workers, pin_memory=pin))
-        if exp.pending_rng is not None:
+        if exp.pending_rng is not None and done == 0:
+            # Resumed at an epoch end: the uninterrupted run starts this epoch's loader next.
+            set_rng_states(exp.pending_rng)
+            exp.pending_rng = None
+        batches = iter(train_batches(exp, state.step, bpe - done))
+        if exp.pending_rng is not None:  # mid-epoch: that loader was started before the checkpoint
             set_rng_states(exp.pending_rng)
             exp.pending_rng = None
         for batch in batches:
@@ -348,7 +449,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
                         f"(outer.max_bad_steps={config.outer.max_bad_steps}); the weights in {path} "
                         "are the last good ones. Lower outer.lr, outer.mask_lr or inner.step_size, "
                         "or set outer.grad_clamp.", path)
-            if should_stop():
+            if stop_requested():
                 path = save()
                 bar.close()
                 raise TrainingStopped(f"stopped at step {state.step} (epoch {epoch}); checkpoint "
@@ -373,7 +474,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
             _validate_epoch(exp, run_dir, log, record, bar)
         path = save(mid_epoch=False)
         clock = time.time()  # the next epoch's time starts here, validation excluded
-        if should_stop():
+        if stop_requested():
             bar.close()
             raise TrainingStopped(f"stopped after epoch {epoch} (step {state.step}); checkpoint "
                                   f"{path}", path)
@@ -381,7 +482,8 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
     if exp.pending_rng is not None:  # resumed a run whose training was already complete
         set_rng_states(exp.pending_rng)
         exp.pending_rng = None
-    if state.best_epoch == 0:  # val_from_epoch beyond the last epoch: keep the final weights
+    if state.best_epoch == 0 and distributed.is_main_process():
+        # val_from_epoch beyond the last epoch: keep the final weights
         checkpoint.save_atomic({"learner": learner.state_dict(), "epoch": state.epoch,
                                 "step": state.step, "val_accuracy": float("nan"),
                                 "val_ci": float("nan")}, run_dir / checkpoint.BEST)
@@ -392,13 +494,21 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
 
 def test_checkpoint(config: Config, run_dir: Path, split: str = "test",
                     device: Optional[torch.device] = None) -> tuple[np.ndarray, dict]:
-    """Evaluate a run's best checkpoint on `config.train.num_test_tasks` fixed tasks of `split`."""
+    """Evaluate a run's best checkpoint on `config.train.num_test_tasks` fixed tasks of `split`.
+
+    Under torchrun rank 0 reads best.pt and sends it to the others (no shared folder needed), and
+    the tasks are split across the processes.
+    """
     device = device or resolve_device(config.run.device)
     seed_everything(config.run.seed, config.run.deterministic)
     data_split = build_split(config.data, split)
     image_size = config.data.image_size or data_split.native_size
     learner = build_meta_learner(config, data_split.channels, image_size).to(device)
-    state = checkpoint.load(Path(run_dir) / checkpoint.BEST, map_location=device)
+    if distributed.is_distributed():
+        state = distributed.on_main(checkpoint.load, Path(run_dir) / checkpoint.BEST,
+                                    map_location="cpu")
+    else:
+        state = checkpoint.load(Path(run_dir) / checkpoint.BEST, map_location=device)
     try:
         learner.load_state_dict(state["learner"])
     except RuntimeError as err:
