@@ -133,6 +133,24 @@ def test_in_process_stop_and_resume_is_exact(tmp_path, generator_reference, stop
     assert_same_run(generator_reference, cut)
 
 
+def test_extending_a_finished_run_from_its_epoch_end_checkpoint_is_exact(tmp_path):
+    """A 1-epoch run continued with train.epochs=2 equals the 2-epoch run (sparse-MAML+: the
+    generator's RNG state must be restored before the next epoch's loader starts)."""
+    import train
+
+    def config(run_dir: Path, epochs: int):
+        # Validating every epoch: the last epoch of the 1-epoch run is validated either way.
+        return load_config(None, [*TINY, f"run.dir={run_dir}", f"train.epochs={epochs}",
+                                  "train.batches_per_epoch=4", "train.val_every=1",
+                                  "inner.mask_generator=true"])
+
+    reference, cut = tmp_path / "reference", tmp_path / "cut"
+    train.main(config(reference, 2))
+    train.main(config(cut, 1))
+    train.main(*train.load_run_config(None, ["train.epochs=2"], str(cut)))
+    assert_same_run(reference, cut)
+
+
 def test_injected_nan_is_skipped_counted_then_stops_the_run(tmp_path, monkeypatch, capsys):
     """Non-finite losses skip the update and are counted; max_bad_steps in a row stop the run."""
     config = _tiny_config(tmp_path / "run", "outer.max_bad_steps=3", "train.epochs=3",
