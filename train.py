@@ -26,16 +26,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from sparse_maml import checkpoint, distributed
+from sparse_maml import distributed
 from sparse_maml.checkpoint import CheckpointError
 from sparse_maml.config import Config, ConfigError, load_config, read_yaml
 from sparse_maml.data import DataError
-from sparse_maml.run_log import (CONFIG, NullRunLog, RunLog, check_existing_run, holds_run,
-                                 make_run_dir, new_run_dir, write_config)
+from sparse_maml.run_log import CONFIG, RunLog, holds_run
 from sparse_maml.runtime import mean_confidence_interval
 from sparse_maml.training import (EXIT_DIVERGED, EXIT_STOPPED, StopSignal, TrainingDiverged,
-                                  TrainingStopped, build_experiment, fit, restore_checkpoint,
-                                  test_checkpoint)
+                                  TrainingStopped, fit, open_run, test_checkpoint)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,42 +129,8 @@ def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
 
 def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
     """main() once the device (and process group) is set up."""
-    main_process = distributed.is_main_process()
-    if resume_dir is not None:
-        changes = check_existing_run(config, resume_dir)  # before any file is touched
-        run_dir = resume_dir
-    else:  # rank 0 picks the (time-stamped) folder; every process uses that one
-        run_dir = distributed.on_main(new_run_dir, config)
-    exp = build_experiment(config, device)  # data errors surface here, before the folder is written
+    exp, run_dir, log = open_run(config, device, resume_dir)
     learner = exp.learner
-    if resume_dir is None:
-        distributed.on_main(make_run_dir, config, run_dir)
-        log = RunLog(run_dir, config.run.tensorboard) if main_process else NullRunLog()
-    else:
-        if main_process:
-            checkpoint.remove_stale_temporaries(run_dir)
-        found = checkpoint.load_latest(run_dir)  # every process reads the same checkpoint
-        if found is not None:
-            path, saved = found
-            restore_checkpoint(exp, saved, path)
-        distributed.barrier()  # all have read the checkpoints before rank 0 writes anything
-        if main_process:  # only once the checkpoint fits the new config
-            write_config(config, run_dir / CONFIG)
-        for key, (old, new) in changes.items():
-            if key != "run.dir":
-                print(f"resume: {key}: {old!r} -> {new!r}")
-        if not main_process:
-            log = NullRunLog()
-        elif found is not None:
-            log = RunLog(run_dir, config.run.tensorboard, truncate_to=saved["metrics_bytes"],
-                         purge_step=exp.state.step + 1)
-        else:
-            log = RunLog(run_dir, config.run.tensorboard, truncate_to=0, purge_step=0)
-        if found is not None:
-            print(f"resuming {run_dir} from {path.name}: {exp.state.epoch} epochs and "
-                  f"{exp.state.step} meta-batches done")
-        else:
-            print(f"{run_dir} holds no checkpoint yet: starting it from the beginning")
     print(f"run folder: {run_dir}")
     world = distributed.world_size()
     if world > 1:

@@ -33,7 +33,8 @@ from . import checkpoint, distributed
 from .config import Config, ConfigError, to_dict
 from .data import EpisodeDataset, build_episodes, build_split, episode_loader, stack_tasks
 from .meta_learner import MetaLearner, build_meta_learner
-from .run_log import RunLog
+from .run_log import (CONFIG, NullRunLog, RunLog, check_existing_run, make_run_dir, new_run_dir,
+                      write_config)
 from .runtime import mean_confidence_interval, resolve_device, seed_everything
 
 # Validation and test tasks use this seed whatever run.seed is, so every method and every seed is
@@ -383,6 +384,42 @@ def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, b
                      if "mask_sparsity" in record else "")
     bar.write(f"epoch {epoch}: train loss {record['loss']:.3f}, "
               f"val accuracy {mean:.2%} +- {ci:.2%}{sparsity_text}" + (" (best)" if is_best else ""))
+
+
+def open_run(config: Config, device: torch.device, resume_dir: Optional[Path] = None,
+             report: Report = print) -> tuple[Experiment, Path, RunLog | NullRunLog]:
+    """The experiment, its run folder and its log: a new run, or the run in `resume_dir` restored
+    from its newest loadable checkpoint. Only rank 0 writes; every process builds the same state."""
+    main_process = distributed.is_main_process()
+    if resume_dir is None:
+        run_dir = distributed.on_main(new_run_dir, config)  # rank 0 picks the time-stamped name
+        exp = build_experiment(config, device)  # data errors surface before the folder is written
+        distributed.on_main(make_run_dir, config, run_dir)
+        return exp, run_dir, RunLog(run_dir, config.run.tensorboard) if main_process else NullRunLog()
+
+    changes = check_existing_run(config, resume_dir)  # before any file is touched
+    exp = build_experiment(config, device)
+    if main_process:
+        checkpoint.remove_stale_temporaries(resume_dir)
+    found = checkpoint.load_latest(resume_dir)  # every process reads the same checkpoint
+    if found is not None:
+        path, saved = found
+        restore_checkpoint(exp, saved, path)
+    distributed.barrier()  # all have read the checkpoints before rank 0 writes anything
+    if main_process:  # only once the checkpoint fits the new config
+        write_config(config, resume_dir / CONFIG)
+    for key, (old, new) in changes.items():
+        if key != "run.dir":
+            report(f"resume: {key}: {old!r} -> {new!r}")
+    if found is None:
+        report(f"{resume_dir} holds no checkpoint yet: starting it from the beginning")
+        log = RunLog(resume_dir, config.run.tensorboard, truncate_to=0, purge_step=0)
+    else:
+        report(f"resuming {resume_dir} from {path.name}: {exp.state.epoch} epochs and "
+               f"{exp.state.step} meta-batches done")
+        log = RunLog(resume_dir, config.run.tensorboard, truncate_to=saved["metrics_bytes"],
+                     purge_step=exp.state.step + 1)
+    return exp, resume_dir, log if main_process else NullRunLog()
 
 
 def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
