@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .config import Config, ConfigError, load_config, read_yaml, to_dict
+from .config import Config, ConfigError, flatten, load_config, read_yaml, to_dict
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -101,19 +101,9 @@ def make_run_dir(config: Config, path: Optional[Path] = None) -> Path:
     return path
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def config_differences(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (old value, new value) for every field that differs."""
-    before, after = _flatten(to_dict(old)), _flatten(to_dict(new))
+    before, after = flatten(to_dict(old)), flatten(to_dict(new))
     return {k: (before[k], after[k]) for k in before if before[k] != after[k]}
 
 

@@ -107,6 +107,8 @@ def find_runs(paths: list[str]) -> list[Run]:
         candidates = [p] if (p / "config.yaml").is_file() else sorted(
             c.parent for c in p.rglob("config.yaml"))
         folders += [c for c in candidates if (c / "metrics.jsonl").is_file() and c not in folders]
+    if not folders:
+        raise FileNotFoundError(f"no run folder (config.yaml + metrics.jsonl) under {' '.join(paths)}")
     runs = []
     for folder in folders:
         with open(folder / "config.yaml") as f:
@@ -303,10 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         runs = find_runs(args.runs)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not runs:
-        print(f"error: no run folder (config.yaml + metrics.jsonl) under {' '.join(args.runs)}",
-              file=sys.stderr)
         return 2
     rows = build_rows(runs, load_paper(Path(args.paper)))
     untested = [str(r.path) for r in runs if not r.test_results()]

@@ -208,9 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not runs:
-        print("error: no run folder (config.yaml + metrics.jsonl) found", file=sys.stderr)
-        return 2
     if args.sweep:
         out = Path(args.out) if args.out else default_out(runs)
         out.mkdir(parents=True, exist_ok=True)
