@@ -184,7 +184,7 @@ def plot_sweep(runs: list[Run], key: str, path: Path) -> None:
         ax.set_xscale("log")
     ax.set_xticks(values, [f"{v:g}" for v in values])
     ax.minorticks_off()  # log-scale minor labels would overprint the swept values
-    ax.set(xlabel=key, ylabel="test accuracy (%)",
+    ax.set(xlabel=key, ylabel="test accuracy (%)", ylim=(0, 100),
            title=f"Test accuracy against {key}\n(bars: 95% CI over tasks, or std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
