@@ -19,7 +19,7 @@ from sparse_maml.config import ConfigError, load_config, read_yaml
 from sparse_maml.data import DataError
 from sparse_maml.run_log import RunLog
 from sparse_maml.runtime import mean_confidence_interval
-from sparse_maml.training import test_checkpoint
+from sparse_maml.evaluation import test_checkpoint
 from train import print_sparsity
 
 

@@ -30,10 +30,11 @@ from sparse_maml import distributed
 from sparse_maml.checkpoint import CheckpointError
 from sparse_maml.config import Config, ConfigError, load_config, read_yaml
 from sparse_maml.data import DataError
+from sparse_maml.evaluation import test_checkpoint
 from sparse_maml.run_log import CONFIG, RunLog, holds_run
 from sparse_maml.runtime import mean_confidence_interval
 from sparse_maml.training import (EXIT_DIVERGED, EXIT_STOPPED, StopSignal, TrainingDiverged,
-                                  TrainingStopped, fit, open_run, test_checkpoint)
+                                  TrainingStopped, fit, open_run)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -32,14 +32,11 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .config import Config, ConfigError, to_dict
 from .data import EpisodeDataset, build_episodes, build_split, episode_loader, stack_tasks
+from .evaluation import EVAL_SEED, evaluate
 from .meta_learner import MetaLearner, build_meta_learner
 from .run_log import (CONFIG, NullRunLog, RunLog, check_existing_run, make_run_dir, new_run_dir,
                       write_config)
 from .runtime import mean_confidence_interval, resolve_device, seed_everything
-
-# Validation and test tasks use this seed whatever run.seed is, so every method and every seed is
-# scored on the same fixed task lists.
-EVAL_SEED = 0
 
 # Exit statuses of train.py besides 0 (done) and 1 (error); Python itself uses 1 and 2.
 EXIT_STOPPED = 3  # stopped by SIGTERM/SIGINT after checkpointing: resumable
@@ -234,39 +231,6 @@ def _apply_update(exp: Experiment, optimizers: list[torch.optim.Optimizer]) -> N
                 p.grad.clamp_(-c, c)
     for opt in optimizers:
         opt.step()
-
-
-def evaluate(learner: MetaLearner, episodes: EpisodeDataset, num_tasks: int, tasks_per_batch: int,
-             steps: int, device: torch.device, num_workers: int = 0,
-             desc: Optional[str] = None) -> np.ndarray:
-    """Query accuracy of each of the fixed tasks 0..num_tasks-1 after `steps` inner steps.
-
-    Under torchrun each process adapts a contiguous block of the batches one process would form,
-    and every process returns all accuracies in task order. A process draws (and drops) the
-    generator noise of the other processes' batches, so every task gets the noise it gets in a
-    single process and the random stream ends where it would.
-    """
-    num_batches = -(-num_tasks // tasks_per_batch)
-    sizes = [min(tasks_per_batch, num_tasks - b * tasks_per_batch) for b in range(num_batches)]
-    blocks = [distributed.block(num_batches, r) for r in range(distributed.world_size())]
-    mine = blocks[distributed.rank()]  # batch numbers this process adapts
-    # Started first, and even for an empty block, as in one process: starting a DataLoader draws
-    # from torch's generator, which the noise comes from as well.
-    batches = iter(episode_loader(episodes, mine.start * tasks_per_batch,
-                                  sum(sizes[b] for b in mine), tasks_per_batch, num_workers,
-                                  pin_memory=device.type == "cuda"))
-    for b in range(mine.start):
-        learner.skip_masks(sizes[b])
-    accuracies = []
-    show = desc is not None and distributed.is_main_process()
-    for batch in tqdm(batches, desc=desc, total=len(mine), leave=False, disable=not show,
-                      dynamic_ncols=True):
-        _, _, acc = learner(batch.to(device, non_blocking=True), steps, track_outer=False)
-        accuracies.append(acc.cpu())
-    for b in range(mine.stop, num_batches):
-        learner.skip_masks(sizes[b])
-    local = torch.cat(accuracies) if accuracies else torch.zeros(0)
-    return distributed.gather_blocks(local, [sum(sizes[b] for b in r) for r in blocks]).numpy()
 
 
 def train_batches(exp: Experiment, first_step: int, num_steps: int) -> Iterable:
@@ -527,34 +491,3 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         report(f"no validation after train.val_from_epoch={train_cfg.val_from_epoch}: "
                "best.pt holds the final weights")
     return state
-
-
-def test_checkpoint(config: Config, run_dir: Path, split: str = "test",
-                    device: Optional[torch.device] = None) -> tuple[np.ndarray, dict]:
-    """Evaluate a run's best checkpoint on `config.train.num_test_tasks` fixed tasks of `split`.
-
-    Under torchrun rank 0 reads best.pt and sends it to the others (no shared folder needed), and
-    the tasks are split across the processes.
-    """
-    device = device or resolve_device(config.run.device)
-    seed_everything(config.run.seed, config.run.deterministic)
-    data_split = build_split(config.data, split)
-    image_size = config.data.image_size or data_split.native_size
-    learner = build_meta_learner(config, data_split.channels, image_size).to(device)
-    if distributed.is_distributed():
-        state = distributed.on_main(checkpoint.load, Path(run_dir) / checkpoint.BEST,
-                                    map_location="cpu")
-    else:
-        state = checkpoint.load(Path(run_dir) / checkpoint.BEST, map_location=device)
-    try:
-        learner.load_state_dict(state["learner"])
-    except RuntimeError as err:
-        raise checkpoint.CheckpointError(
-            f"{Path(run_dir) / checkpoint.BEST} does not fit the model built from the config "
-            f"(did an override change model.*, data.num_ways or the input channels?): {err}") from err
-    episodes = build_episodes(config.data, data_split, EVAL_SEED, augment=False, device=device)
-    accs = evaluate(learner, episodes, config.train.num_test_tasks, config.train.eval_batch_size,
-                    config.inner.eval_steps, device, config.data.num_workers,
-                    desc=f"test {config.data.name}/{split}" if config.run.progress else None)
-    return accs, {"epoch": state.get("epoch"), "val_accuracy": state.get("val_accuracy"),
-                  "sparsity": learner.mask_sparsity()}

@@ -184,7 +184,8 @@ import torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from helpers import tiny_config
 from sparse_maml import distributed
-from sparse_maml.training import build_experiment, evaluate
+from sparse_maml.evaluation import evaluate
+from sparse_maml.training import build_experiment
 
 config = tiny_config("inner.mask_generator=true", "run.device=cpu")
 device = distributed.setup("cpu")
