@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -208,11 +207,3 @@ def write_omniglot(root: Path, alphabets: int = 3, characters: int = 5, drawings
                     Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).convert("1").save(
                         folder / f"{c + 1:04d}_{d + 1:02d}.png")
     return root
-
-
-def zip_folder(folder: Path, dest: Path) -> Path:
-    """Zip `folder` (its name as the top-level entry) into `dest`."""
-    with zipfile.ZipFile(dest, "w") as z:
-        for path in sorted(Path(folder).rglob("*")):
-            z.write(path, path.relative_to(Path(folder).parent))
-    return dest
