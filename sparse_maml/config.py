@@ -142,10 +142,18 @@ class OuterConfig:
     """Outer learning rate of phi."""
     momentum: float = 0.9
     """Momentum of the SGD optimizers (Nesterov when > 0)."""
-    implementation: Literal["loop", "vmap", "reference"] = "loop"
+    implementation: Literal["loop", "vmap", "compiled", "reference"] = "loop"
     """How a meta-batch is adapted. loop: task after task, first-order runs in closed form (no
-    inner graph); vmap: the same math with all tasks in one torch.func.vmap call; reference: the
-    plain step-by-step chain of the reference code, which the other two are tested against."""
+    inner graph); vmap: the same math with all tasks in one torch.func.vmap call; compiled
+    (first-order only): the inner step and the query pass as torch.compile graphs, compiled once
+    per run (the time is logged; kernels are cached across runs); reference: the plain
+    step-by-step chain of the reference code, which the others are tested against."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode of outer.implementation=compiled; reduce-overhead replays each graph as
+    a CUDA graph (CUDA only)."""
+    checkpoint_inner_steps: bool = False
+    """Second-order runs: recompute each inner step's activations in the outer backward pass
+    instead of keeping them (memory of one step instead of `inner.steps`, about 1.5x the time)."""
     max_bad_steps: int = 10
     """Stop the run (after checkpointing the last good state) when this many consecutive meta-batches
     have a non-finite outer loss or gradient; each such update is skipped and counted."""
@@ -410,6 +418,7 @@ def validate(config: Config) -> None:
         if i.mask_target != "gradient" or i.mask_generator:
             raise ConfigError("inner.mask_target=weight and inner.mask_generator need a mask "
                               "function: set inner.mask (e.g. binary_ste)")
+    _validate_implementation(o, i)
     if i.mask_target == "weight" and i.mask != "binary_ste":
         raise ConfigError(f"inner.mask_target=weight needs inner.mask=binary_ste, got {i.mask}")
     if i.mask_generator:
@@ -425,6 +434,22 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 "inner.mask_generator with model.arch=resnet12 is refused: a dense generator would "
                 f"need {size:,} weights ({size * 4 / 2**30:.1f} GiB in fp32); use model.arch=conv4")
+
+
+def _validate_implementation(o: OuterConfig, i: InnerConfig) -> None:
+    """Settings that an implementation cannot run, refused with the reason."""
+    if o.implementation == "compiled" and not i.first_order:
+        raise ConfigError(
+            "outer.implementation=compiled computes first-order outer gradients only: its query "
+            "pass returns the gradient at the adapted weights, and a second-order gradient also "
+            "differentiates the inner gradients. Use outer.implementation=loop (or reference) "
+            "with inner.first_order=false")
+    if o.compile_mode != "default" and o.implementation != "compiled":
+        raise ConfigError(f"outer.compile_mode={o.compile_mode} applies to "
+                          f"outer.implementation=compiled only, got {o.implementation}")
+    if o.checkpoint_inner_steps and i.first_order:
+        raise ConfigError("outer.checkpoint_inner_steps saves memory of second-order runs only "
+                          "(a first-order run keeps no inner graph): set inner.first_order=false")
 
 
 def _validate_run(r: RunConfig) -> None:

@@ -1,9 +1,9 @@
-"""The inner loop: which parameters adapt, the masked update rule, and two implementations.
+"""The inner loop: which parameters adapt, the masked update rule, and its eager implementations.
 
 `adapt_reference` is the plain per-task loop, written to mirror the reference code step by step.
-`adapt_batched` adapts all tasks of a meta-batch at once with torch.func.vmap and, for first-order
-runs with a gradient mask, builds the outer graph in closed form (see its docstring). Tests check
-that both give the same outer gradients for every variant.
+`adapt_batched` adapts all tasks of a meta-batch in a loop or in one torch.func.vmap call and, for
+first-order runs, builds the outer graph in closed form (see its docstring). The compiled
+implementation lives in compiled.py. Tests check that all give the same outer gradients.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
+from torch.utils.checkpoint import checkpoint
 
 Params = dict[str, torch.Tensor]
 
@@ -75,13 +76,17 @@ def cross_entropy(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Te
 
 def adapt_reference(model: nn.Module, params: Params, inner_names: list[str], masks: Params,
                     rule: UpdateRule, x: torch.Tensor, y: torch.Tensor, steps: int,
-                    first_order: bool, track_outer: bool = True) -> Params:
+                    first_order: bool, track_outer: bool = True,
+                    checkpoint_steps: bool = False) -> Params:
     """Adapt one task: `steps` masked SGD steps on (x, y), starting from `params`.
 
     With track_outer the result stays differentiable w.r.t. theta and phi (first-order: through
     the update chain only; second-order: also through the inner gradients). Without it, every step
-    is detached (evaluation).
+    is detached (evaluation). checkpoint_steps (second-order only) keeps no activation of an inner
+    step for the outer backward pass; they are recomputed there, one step at a time.
     """
+    if checkpoint_steps and track_outer and not first_order:
+        return _adapt_second_order_checkpointed(model, params, inner_names, masks, rule, x, y, steps)
     fast = dict(params)
     for name in inner_names:
         fast[name] = rule.initial(fast[name], masks.get(name))
@@ -99,10 +104,32 @@ def adapt_reference(model: nn.Module, params: Params, inner_names: list[str], ma
     return fast if track_outer else {n: p.detach() for n, p in fast.items()}
 
 
+def _adapt_second_order_checkpointed(model: nn.Module, params: Params, inner_names: list[str],
+                                     masks: Params, rule: UpdateRule, x: torch.Tensor,
+                                     y: torch.Tensor, steps: int) -> Params:
+    """Second-order adaptation with each inner step under activation checkpointing.
+
+    The graph of one step (forward, backward with create_graph) is what a 35-step second-order run
+    keeps 35 times; here only each step's input weights are kept, and the backward pass recomputes
+    the step before differentiating through it: about one more forward and backward per step.
+    """
+    frozen = {n: p for n, p in params.items() if n not in inner_names}
+
+    def one_step(*inner: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        loss = cross_entropy(model, {**frozen, **dict(zip(inner_names, inner))}, x, y)
+        grads = torch.autograd.grad(loss, inner, create_graph=True)
+        return tuple(rule.step(p, g, masks.get(n)) for n, p, g in zip(inner_names, inner, grads))
+
+    fast = tuple(rule.initial(params[n], masks.get(n)) for n in inner_names)
+    for _ in range(steps):
+        fast = checkpoint(one_step, *fast, use_reentrant=False)
+    return {**frozen, **dict(zip(inner_names, fast))}
+
+
 def adapt_batched(model: nn.Module, params: Params, inner_names: list[str], shared_masks: Params,
                   task_masks: Params, rule: UpdateRule, x: torch.Tensor, y: torch.Tensor,
                   steps: int, first_order: bool, track_outer: bool = True,
-                  vectorize: bool = True) -> Params:
+                  vectorize: bool = True, checkpoint_steps: bool = False) -> Params:
     """Adapt a stack of tasks; x is (tasks, n, C, H, W), y is (tasks, n).
 
     With `vectorize` the inner gradients of all tasks come from one torch.func.vmap call (one
@@ -132,7 +159,8 @@ def adapt_batched(model: nn.Module, params: Params, inner_names: list[str], shar
         per_task = [
             adapt_reference(model, params, inner_names, {n: masks_for(n, j) for n in inner_names
                                                           if masks_for(n, j) is not None},
-                            rule, x[j], y[j], steps, first_order=False)
+                            rule, x[j], y[j], steps, first_order=False,
+                            checkpoint_steps=checkpoint_steps)
             for j in range(tasks)]
         return {**frozen, **{n: torch.stack([f[n] for f in per_task]) for n in inner_names}}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .compiled import CompiledAdaptation
 from .config import Config
 from .data import Task
 from .inner_loop import (Params, UpdateRule, adapt_batched, adapt_reference, inner_parameter_names,
@@ -53,6 +55,15 @@ class MetaLearner(nn.Module):
         self.first_order = inner.first_order
         self.loss_reduction = config.outer.loss_reduction
         self.implementation = config.outer.implementation
+        self.checkpoint_inner_steps = config.outer.checkpoint_inner_steps
+        self.compiled = (CompiledAdaptation(config.outer.compile_mode)
+                         if self.implementation == "compiled" else None)
+        self._adapt_and_score = {
+            "reference": self._adapt_reference,
+            "loop": partial(self._adapt_batched, vectorize=False),
+            "vmap": partial(self._adapt_batched, vectorize=True),
+            "compiled": self._adapt_compiled,
+        }[self.implementation]
 
     # -- parameter groups ------------------------------------------------------------------
 
@@ -122,30 +133,65 @@ class MetaLearner(nn.Module):
             params = {n: p.detach() for n, p in params.items()}
         first, total = share if share is not None else (0, None)
         shared, per_task = self.draw_masks(tasks, first, total)
-        if self.implementation == "reference":
-            logits = []
-            for j in range(tasks):
-                masks = {**shared, **{n: m[j] for n, m in per_task.items()}}
-                fast = adapt_reference(self.model, params, self.inner_names, masks, self.rule,
-                                       batch.support_x[j], batch.support_y[j], steps,
-                                       self.first_order, track_outer)
-                with torch.set_grad_enabled(track_outer):
-                    logits.append(functional_call(self.model, fast, (batch.query_x[j],), strict=True))
-            query_logits = torch.stack(logits)  # (tasks, ways*query, ways)
-        else:
-            vectorize = self.implementation == "vmap"
-            fast = adapt_batched(self.model, params, self.inner_names, shared, per_task, self.rule,
-                                 batch.support_x, batch.support_y, steps, self.first_order,
-                                 track_outer, vectorize)
-            with torch.set_grad_enabled(track_outer):
-                query_logits = query_logits_batched(self.model, fast, self.inner_names,
-                                                    batch.query_x, vectorize)
+        losses, query_logits = self._adapt_and_score(params, shared, per_task, batch, steps,
+                                                     track_outer)
         with torch.set_grad_enabled(track_outer):
-            losses = F.cross_entropy(query_logits.flatten(0, 1), batch.query_y.flatten(),
-                                     reduction="none").view(tasks, -1).mean(1)
             loss = losses.sum() if self.loss_reduction == "sum" else losses.mean()
         accuracies = (query_logits.argmax(-1) == batch.query_y).float().mean(1)
         return loss, losses.detach(), accuracies.detach()
+
+    # -- the implementations (outer.implementation) -----------------------------------------
+    # Each returns (per-task query losses, query logits (tasks, ways*query, ways)); the losses
+    # carry the outer graph when track_outer is set. tests/test_equivalence.py checks that all
+    # give the outer gradients of `reference`.
+
+    def _task_masks(self, shared: Params, per_task: Params, task: int) -> Params:
+        return {**shared, **{n: m[task] for n, m in per_task.items()}}
+
+    def _adapt_reference(self, params: Params, shared: Params, per_task: Params, batch: Task,
+                         steps: int, track_outer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain step-by-step chain of the reference code, task after task."""
+        logits = []
+        for j in range(batch.num_tasks):
+            fast = adapt_reference(self.model, params, self.inner_names,
+                                   self._task_masks(shared, per_task, j), self.rule,
+                                   batch.support_x[j], batch.support_y[j], steps,
+                                   self.first_order, track_outer, self.checkpoint_inner_steps)
+            with torch.set_grad_enabled(track_outer):
+                logits.append(functional_call(self.model, fast, (batch.query_x[j],), strict=True))
+        return self._query_losses(torch.stack(logits), batch, track_outer)
+
+    def _adapt_batched(self, params: Params, shared: Params, per_task: Params, batch: Task,
+                       steps: int, track_outer: bool, vectorize: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """First-order closed form, tasks in a Python loop (loop) or in one vmap call (vmap)."""
+        fast = adapt_batched(self.model, params, self.inner_names, shared, per_task, self.rule,
+                             batch.support_x, batch.support_y, steps, self.first_order,
+                             track_outer, vectorize, self.checkpoint_inner_steps)
+        with torch.set_grad_enabled(track_outer):
+            logits = query_logits_batched(self.model, fast, self.inner_names, batch.query_x,
+                                          vectorize)
+        return self._query_losses(logits, batch, track_outer)
+
+    def _adapt_compiled(self, params: Params, shared: Params, per_task: Params, batch: Task,
+                        steps: int, track_outer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inner step and query pass as torch.compile graphs (sparse_maml/compiled.py)."""
+        masks = [self._task_masks(shared, per_task, j) for j in range(batch.num_tasks)]
+        return self.compiled(self.model, params, self.inner_names, masks, self.rule,
+                             batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                             steps, track_outer)
+
+    @staticmethod
+    def _query_losses(logits: torch.Tensor, batch: Task, track_outer: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(track_outer):
+            losses = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(),
+                                     reduction="none").view(batch.num_tasks, -1).mean(1)
+        return losses, logits
+
+    def compile_events(self) -> list[tuple[str, float]]:
+        """(graph, seconds) for every graph compiled since the last call (compiled only)."""
+        return self.compiled.take_compile_events() if self.compiled is not None else []
 
 
 def build_meta_learner(config: Config, in_channels: int, image_size: int) -> MetaLearner:

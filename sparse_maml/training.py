@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, compiled, distributed
 from .config import Config, ConfigError, to_dict
 from .data import EpisodeDataset, build_episodes, build_split, episode_loader, stack_tasks
 from .evaluation import EVAL_SEED, evaluate
@@ -386,6 +386,14 @@ def open_run(config: Config, device: torch.device, resume_dir: Optional[Path] = 
     return exp, resume_dir, log if main_process else NullRunLog()
 
 
+def report_compilation(learner: MetaLearner, bar: tqdm) -> None:
+    """Say which graphs outer.implementation=compiled just compiled, and how long it took."""
+    events = learner.compile_events()
+    if events and distributed.is_main_process():
+        took = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in events)
+        bar.write(f"compiled {took} (kernel cache: {compiled.cache_dir()})")
+
+
 def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         should_stop: Callable[[], bool] = lambda: False) -> TrainState:
     """Meta-train for config.train.epochs from exp.state, validating and checkpointing.
@@ -426,6 +434,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
             exp.pending_rng = None
         for batch in batches:
             loss, acc, applied = outer_step(exp, batch.to(exp.device, non_blocking=True))
+            report_compilation(learner, bar)
             state.step += 1
             bar.update(1)
             if applied:
@@ -473,6 +482,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         state.epoch_skipped, state.epoch_seconds = 0, 0.0
         if epoch % train_cfg.val_every == 0 or epoch == train_cfg.epochs:
             _validate_epoch(exp, run_dir, log, record, bar)
+            report_compilation(learner, bar)
         path = save(mid_epoch=False)
         clock = time.time()  # the next epoch's time starts here, validation excluded
         if stop_requested():

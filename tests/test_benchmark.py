@@ -8,15 +8,28 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ROW = re.compile(r"^(?P<config>.+?)\s+(?P<impl>reference|loop|vmap|compiled)\s+(?P<rate>[\d.]+)\s+"
+                 r"(?P<ratio>[\d.]+)\s+(?P<compile>[\d.]+|-)\s+(?P<peak>[\d.]+)$")
 
 
-def test_benchmark_prints_a_row_per_config_and_implementation():
+def test_benchmark_prints_a_row_per_implementation_with_compile_time_and_memory():
     result = subprocess.run([sys.executable, str(ROOT / "utils" / "benchmark.py"), "--device", "cpu",
-                             "--shapes", "tiny", "--warmup", "1", "--repeats", "1"],
-                            capture_output=True, text=True, timeout=300)
+                             "--shapes", "tiny", "--configs", "conv4-w4 sparse-MAML 1-shot",
+                             "--warmup", "1", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines()
-            if re.search(r"\s(reference|loop|vmap)\s+[\d.]+\s+[\d.]+\s+[\d.]+$", line)]
-    assert len(rows) == 6
-    assert all(" 1.00 " in row for row in rows if " reference " in row)
     assert result.stdout.startswith("device: CPU")
+    rows = {m["impl"]: m for m in map(ROW.match, result.stdout.splitlines()) if m}
+    assert set(rows) == {"reference", "loop", "vmap", "compiled"}
+    assert rows["reference"]["ratio"] == "1.00"
+    assert float(rows["compiled"]["compile"]) > 0  # the compiled row reports its compile time
+    assert all(rows[i]["compile"] == "-" for i in ("reference", "loop", "vmap"))
+    assert all(float(row["peak"]) > 0 for row in rows.values())
+
+
+def test_benchmark_refuses_an_unknown_configuration():
+    result = subprocess.run([sys.executable, str(ROOT / "utils" / "benchmark.py"), "--device", "cpu",
+                             "--shapes", "tiny", "--configs", "no such row"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "no such row" in result.stderr and "conv4-w4 sparse-MAML 1-shot" in result.stderr

@@ -1,18 +1,25 @@
-"""Time meta-training steps of each implementation on the same synthetic episodes, in one process.
+"""Time meta-training steps of each implementation on the same synthetic episodes, side by side.
 
     python utils/benchmark.py                 # paper shapes on CUDA, small shapes on CPU
-    python utils/benchmark.py --shapes small --repeats 5
+    python utils/benchmark.py --shapes small --rounds 9
+    python utils/benchmark.py --configs "conv4-w32 sparse-MAML 1-shot" --implementations reference compiled
 
-For every configuration the reference loop and the fast paths run the same outer steps (same
-seeds, same random 84x84 or small episodes) after warm-up, with the device synchronised around the
-timed region. Prints tasks/s, the ratio to the reference loop, and peak memory.
+For every configuration, one learner per implementation is built from the same seed and given the
+same episodes; each is warmed up (the compiled one compiles then: the "compile s" column), and then
+the implementations take turns, one outer step each (forward, backward, Adam), for --rounds rounds.
+Interleaving makes the ratios robust to a machine whose load changes; tasks/s is the median over
+rounds, with the device synchronised around every timed step. Peak memory is measured for each
+row on its own, in a fresh process, over one outer step after warm-up: on CUDA the peak allocated
+by torch, on CPU the peak resident set above what the process held before building the learner.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,45 +30,64 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_maml.config import load_config  # noqa: E402
 from sparse_maml.data import Task  # noqa: E402
-from sparse_maml.meta_learner import build_meta_learner  # noqa: E402
+from sparse_maml.meta_learner import MetaLearner, build_meta_learner  # noqa: E402
 from sparse_maml.runtime import resolve_device  # noqa: E402
 
-# name -> (overrides, image size, channels). "paper": the paper's training settings.
+FIRST_ORDER = ("reference", "loop", "vmap", "compiled")
+SECOND_ORDER = ("reference", "loop", "loop+checkpoint")
+# implementation label -> config overrides
+IMPLEMENTATIONS = {
+    "reference": ["outer.implementation=reference"],
+    "loop": ["outer.implementation=loop"],
+    "vmap": ["outer.implementation=vmap"],
+    "compiled": ["outer.implementation=compiled"],
+    "loop+checkpoint": ["outer.implementation=loop", "outer.checkpoint_inner_steps=true"],
+}
+CONV4_64 = ["model.widths=[64,64,64,64]", "inner.steps=35"]
+RESNET_RELU = ["model.arch=resnet12", "inner.mask=relu_ste", "inner.mask_init=constant",
+               "inner.adapt_batchnorm=false"]
+# name -> (overrides, image size, channels, implementations). "paper": the paper's settings.
 SHAPES = {
     "paper": {
-        "conv4 sparse-MAML 5-shot": (["model.widths=[64,64,64,64]", "data.num_shots=5",
-                                      "inner.steps=35", "outer.meta_batch_size=2"], 84, 3),
-        "conv4 sparse-MAML 1-shot": (["model.widths=[64,64,64,64]", "data.num_shots=1",
-                                      "inner.steps=35", "outer.meta_batch_size=2"], 84, 3),
-        "conv4 sparse-MAML 5-shot mb8": (["model.widths=[64,64,64,64]", "data.num_shots=5",
-                                          "inner.steps=35", "outer.meta_batch_size=8"], 84, 3),
-        "resnet12 sparse-ReLU 5-shot": (["model.arch=resnet12", "model.widths=[64,128,256,512]",
-                                         "inner.mask=relu_ste", "inner.mask_init=constant",
-                                         "inner.adapt_batchnorm=false", "inner.step_size=0.05",
-                                         "data.num_shots=5", "inner.steps=35",
-                                         "outer.meta_batch_size=1"], 84, 3),
+        "conv4 sparse-MAML 5-shot": ([*CONV4_64, "data.num_shots=5", "outer.meta_batch_size=2"],
+                                     84, 3, FIRST_ORDER),
+        "conv4 sparse-MAML 1-shot": ([*CONV4_64, "data.num_shots=1", "outer.meta_batch_size=2"],
+                                     84, 3, FIRST_ORDER),
+        "conv4 sparse-MAML 5-shot mb8": ([*CONV4_64, "data.num_shots=5",
+                                          "outer.meta_batch_size=8"], 84, 3, FIRST_ORDER),
+        "resnet12 sparse-ReLU 5-shot": ([*RESNET_RELU, "model.widths=[64,128,256,512]",
+                                         "inner.step_size=0.05", "data.num_shots=5",
+                                         "inner.steps=35", "outer.meta_batch_size=1"], 84, 3,
+                                        FIRST_ORDER),
+        "conv4 MAML 2nd-order 5-shot": ([*CONV4_64, "inner.mask=none", "inner.first_order=false",
+                                         "data.num_shots=5", "outer.meta_batch_size=2"], 84, 3,
+                                        SECOND_ORDER),
     },
     "small": {
         "conv4-w32 sparse-MAML 5-shot": (["model.widths=[32,32,32,32]", "data.num_shots=5",
-                                          "inner.steps=5", "outer.meta_batch_size=4"], 28, 1),
+                                          "inner.steps=5", "outer.meta_batch_size=4"], 28, 1,
+                                         FIRST_ORDER),
         "conv4-w32 sparse-MAML 1-shot": (["model.widths=[32,32,32,32]", "data.num_shots=1",
-                                          "inner.steps=5", "outer.meta_batch_size=4"], 28, 1),
-        "resnet12-w8 sparse-ReLU 1-shot": (["model.arch=resnet12", "model.widths=[8,8,16,16]",
-                                            "inner.mask=relu_ste", "inner.mask_init=constant",
-                                            "inner.adapt_batchnorm=false", "data.num_shots=1",
-                                            "inner.steps=3", "outer.meta_batch_size=2"], 28, 1),
+                                          "inner.steps=5", "outer.meta_batch_size=4"], 28, 1,
+                                         FIRST_ORDER),
+        "resnet12-w8 sparse-ReLU 1-shot": ([*RESNET_RELU, "model.widths=[8,8,16,16]",
+                                            "data.num_shots=1", "inner.steps=3",
+                                            "outer.meta_batch_size=2"], 28, 1, FIRST_ORDER),
+        "conv4-w32 MAML 2nd-order 5-shot": (["model.widths=[32,32,32,32]", "inner.mask=none",
+                                             "inner.first_order=false", "data.num_shots=5",
+                                             "inner.steps=10", "outer.meta_batch_size=2"], 28, 1,
+                                            SECOND_ORDER),
     },
     "tiny": {  # a smoke test of the script itself (the test suite runs it)
         "conv4-w4 sparse-MAML 1-shot": (["model.widths=[4,4,4,4]", "data.num_shots=1",
                                          "data.num_query=2", "inner.steps=2",
-                                         "outer.meta_batch_size=2"], 16, 1),
-        "resnet12-w2 sparse-ReLU 1-shot": (["model.arch=resnet12", "model.widths=[2,2,2,2]",
-                                            "inner.mask=relu_ste", "inner.mask_init=constant",
-                                            "data.num_shots=1", "data.num_query=2", "inner.steps=1",
-                                            "outer.meta_batch_size=2"], 16, 1),
+                                         "outer.meta_batch_size=2"], 16, 1, FIRST_ORDER),
+        "resnet12-w2 sparse-ReLU 1-shot": ([*RESNET_RELU, "model.widths=[2,2,2,2]",
+                                            "data.num_shots=1", "data.num_query=2",
+                                            "inner.steps=1", "outer.meta_batch_size=2"], 16, 1,
+                                           FIRST_ORDER),
     },
 }
-IMPLEMENTATIONS = ("reference", "loop", "vmap")
 
 
 def random_batch(tasks: int, ways: int, shots: int, query: int, size: int, channels: int,
@@ -80,38 +106,88 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_implementation(overrides: list[str], size: int, channels: int, implementation: str,
-                        device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
-    """(tasks per second, peak memory in GiB) of full outer steps (forward, backward, Adam)."""
-    config = load_config(None, overrides + [f"outer.implementation={implementation}"])
-    torch.manual_seed(0)
-    learner = build_meta_learner(config, channels, size).to(device)
-    optimizer = torch.optim.Adam(learner.parameters(), 1e-3)
-    d = config.data
-    batch = random_batch(config.outer.meta_batch_size, d.num_ways, d.num_shots, d.num_query, size,
-                         channels, device)
+class Row:
+    """One implementation of one configuration: its learner, optimizer and episodes."""
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss, _, _ = learner(batch, config.inner.steps)
+    def __init__(self, overrides: list[str], size: int, channels: int, implementation: str,
+                 device: torch.device):
+        self.config = load_config(None, overrides + IMPLEMENTATIONS[implementation])
+        torch.manual_seed(0)
+        self.learner: MetaLearner = build_meta_learner(self.config, channels, size).to(device)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), 1e-3)
+        d = self.config.data
+        self.batch = random_batch(self.config.outer.meta_batch_size, d.num_ways, d.num_shots,
+                                  d.num_query, size, channels, device)
+        self.device = device
+        self.seconds: list[float] = []
+
+    def step(self) -> float:
+        """One outer step; returns its wall-clock seconds."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _, _ = self.learner(self.batch, self.config.inner.steps)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
+        synchronize(self.device)
+        return time.perf_counter() - start
 
-    for _ in range(warmup):
-        step()
+    def warm_up(self, steps: int) -> float:
+        """Run `steps` untimed outer steps; returns the seconds spent compiling graphs."""
+        for _ in range(steps):
+            self.step()
+        return sum(seconds for _, seconds in self.learner.compile_events())
+
+    @property
+    def tasks_per_second(self) -> float:
+        return self.config.outer.meta_batch_size / statistics.median(self.seconds)
+
+
+def resident_gib(peak: bool = False) -> float:
+    """Resident set of this process in GiB, now or its high-water mark (Linux)."""
+    key = "VmHWM:" if peak else "VmRSS:"
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key))
+    return int(line.split()[1]) / 2**20
+
+
+def reset_resident_peak() -> None:
+    """Restart the high-water mark at the current resident set (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_memory(overrides: list[str], size: int, channels: int, implementation: str,
+                device: torch.device, warmup: int) -> float:
+    """Peak memory (GiB) of outer steps of one row, measured in this (fresh) process."""
+    baseline = resident_gib()
+    row = Row(overrides, size, channels, implementation, device)
     if device.type == "cuda":
+        row.warm_up(warmup)
         torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    synchronize(device)
-    seconds = time.perf_counter() - start
+        row.step()
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    row.warm_up(warmup)
+    reset_resident_peak()  # compilation's own memory is not the step's
+    row.step()
+    return resident_gib(peak=True) - baseline
+
+
+def measure_memory_in_subprocess(args: argparse.Namespace, shapes: str, name: str,
+                                 implementation: str) -> float:
+    """peak_memory of one row in a fresh Python process, so rows do not share a high-water mark."""
+    command = [sys.executable, __file__, "--device", args.device, "--shapes", shapes,
+               "--memory-of", name, implementation, "--warmup", str(args.warmup)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory run of {name} / {implementation} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_gib"]
+
+
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # whole-process high-water mark: an upper bound shared by every row
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return repeats * config.outer.meta_batch_size / seconds, peak
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,29 +195,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default=None,
                         help="paper (default on CUDA), small (default on CPU) or tiny (smoke test)")
+    parser.add_argument("--configs", nargs="+", default=None, help="only these configurations")
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS),
-                        choices=IMPLEMENTATIONS)
+                        choices=list(IMPLEMENTATIONS))
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    parser.add_argument("--memory-of", nargs=2, metavar=("CONFIG", "IMPLEMENTATION"),
+                        help=argparse.SUPPRESS)  # internal: one row's peak memory, as JSON
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    shapes = SHAPES[args.shapes or ("paper" if device.type == "cuda" else "small")]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; {args.repeats} timed outer steps after "
-          f"{args.warmup} warm-up steps")
-    header = f"{'config':<32} {'implementation':<14} {'tasks/s':>9} {'x reference':>12} {'peak GiB':>9}"
+    shapes = args.shapes or ("paper" if device.type == "cuda" else "small")
+    table = SHAPES[shapes]
+    if args.memory_of:
+        name, implementation = args.memory_of
+        overrides, size, channels, _ = table[name]
+        print(json.dumps({"peak_gib": peak_memory(overrides, size, channels, implementation,
+                                                  device, args.warmup)}))
+        return
+    unknown = set(args.configs or []) - set(table)
+    if unknown:
+        parser.error(f"unknown configuration(s) {sorted(unknown)}; --shapes {shapes} has {sorted(table)}")
+    print(f"device: {device_name(device)}; torch {torch.__version__}; median of {args.rounds} "
+          f"interleaved outer steps after {args.warmup} warm-up steps")
+    header = (f"{'config':<34} {'implementation':<16} {'tasks/s':>9} {'x reference':>12} "
+              f"{'compile s':>10} {'peak GiB':>9}")
     print(header)
     print("-" * len(header))
-    for config_name, (overrides, size, channels) in shapes.items():
-        baseline = None
-        for implementation in args.implementations:
-            rate, peak = time_implementation(overrides, size, channels, implementation, device,
-                                             args.warmup, args.repeats)
-            baseline = rate if implementation == "reference" else baseline
+    for name, (overrides, size, channels, implementations) in table.items():
+        if args.configs and name not in args.configs:
+            continue
+        rows = {i: Row(overrides, size, channels, i, device)
+                for i in implementations if i in args.implementations}
+        compile_seconds = {i: row.warm_up(args.warmup) for i, row in rows.items()}
+        for r in range(args.rounds):  # rotate the order so no implementation always runs first
+            order = list(rows)[r % len(rows):] + list(rows)[:r % len(rows)]
+            for implementation in order:
+                rows[implementation].seconds.append(rows[implementation].step())
+        baseline = rows["reference"].tasks_per_second if "reference" in rows else None
+        for implementation, row in rows.items():
+            rate = row.tasks_per_second
             ratio = f"{rate / baseline:.2f}" if baseline else "-"
-            print(f"{config_name:<32} {implementation:<14} {rate:9.2f} {ratio:>12} {peak:9.2f}",
+            compiled = f"{compile_seconds[implementation]:.1f}" if implementation == "compiled" else "-"
+            peak = "-" if args.no_memory else \
+                f"{measure_memory_in_subprocess(args, shapes, name, implementation):.3f}"
+            print(f"{name:<34} {implementation:<16} {rate:9.2f} {ratio:>12} {compiled:>10} {peak:>9}",
                   flush=True)
+        del rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,207 @@
+"""The compiled implementation: a task's first-order adaptation as two torch.compile graphs.
+
+A first-order outer gradient needs two things from a task, and both are gradients at fixed weights:
+the inner gradients g_t along the trajectory (they define the adapted weights p_T as a function of
+theta and phi, e.g. p_T = theta - alpha*m*sum_t g_t) and the gradient G of the query loss at p_T.
+So each comes from one compiled graph with no autograd graph kept between calls:
+
+- `inner_step`: the support-loss gradient at the current fast weights and the masked update;
+- `query_pass`: the query loss, its logits and G (all parameters: frozen ones get G directly).
+
+The outer graph is then the small eager map (theta, phi) -> p_T, and `QueryLoss` attaches the
+precomputed G to it, so backward() yields the outer gradients of the step-by-step chain.
+
+Why two graphs and not one whole-task graph: the step graph does not grow with inner.steps (a
+35-step unrolled graph takes minutes to compile), evaluation reuses it, and autograd never runs
+through compiled code (the outer graph above is eager and small).
+
+Accuracy: fp32 results differ from eager by rounding only (inductor's fused BatchNorm rounds about
+2x more than eager's), but ReLU and max-pool make the inner gradient discontinuous in the weights.
+Over a handful of support images a pre-activation can sit within rounding distance of zero
+(3e-7 in a 1-shot Conv4 case), and one flipped unit moved an inner gradient by 1.6e-2 of its
+largest entry, eager fp32 being on the other side by chance. So the exactness test runs the
+compiled graphs in float64 against a float64 reference (tests/test_compiled.py), where no such flip
+happens, and the fp32 equality tests use well-conditioned tasks.
+
+Graphs are keyed by structure, not by module instance: every model of the same architecture, inner
+set, update rule and input shapes shares them (dynamo inlines nn.Modules), which also keeps the
+test suite's compile time down. Compilation time is recorded per graph (`compile_events`); the
+inductor cache (`cache_dir`) makes a second run with the same shapes start in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, grad_and_value
+
+from .inner_loop import Params, UpdateRule, cross_entropy
+
+# Variants, shapes and the train/eval query pass each add graphs to the same few functions; dynamo's
+# default limit of 8 per function would silently fall back to eager in a test session.
+RECOMPILE_LIMIT = 64
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps compiled kernels across runs (TORCHINDUCTOR_CACHE_DIR wins)."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "sparse_maml" / "inductor"
+
+
+# -- the functions that are compiled --------------------------------------------------------
+
+
+def inner_step(model: nn.Module, frozen: Params, fast: Params, masks: Params, x: torch.Tensor,
+               y: torch.Tensor, rule: UpdateRule) -> tuple[Params, Params]:
+    """(fast weights after one masked SGD step on (x, y), the support-loss gradients used)."""
+    grads = grad(lambda inner: cross_entropy(model, {**frozen, **inner}, x, y))(fast)
+    return {n: rule.step(p, grads[n], masks.get(n)) for n, p in fast.items()}, grads
+
+
+def query_pass(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor
+               ) -> tuple[Params, torch.Tensor, torch.Tensor]:
+    """(gradient of the query loss w.r.t. every parameter, the loss, the logits)."""
+
+    def loss_and_logits(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = functional_call(model, p, (x,), strict=True)
+        return F.cross_entropy(logits, y), logits
+
+    grads, (loss, logits) = grad_and_value(loss_and_logits, has_aux=True)(params)
+    return grads, loss, logits
+
+
+def query_logits(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Logits of the adapted model on x (evaluation: no gradient)."""
+    return functional_call(model, params, (x,), strict=True)
+
+
+class QueryLoss(torch.autograd.Function):
+    """A query loss whose gradient G w.r.t. the adapted weights was computed in the query pass.
+
+    forward(loss, G_1..G_k, w_1..w_k) returns the loss value; backward sends G_i * grad_output to
+    w_i, the differentiable adapted weights, so the outer graph continues from there.
+    """
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, *grads_then_weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*grads_then_weights[:len(grads_then_weights) // 2])
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads = ctx.saved_tensors
+        return (None, *([None] * len(grads)), *(g * grad_output for g in grads))
+
+
+# -- compilation -----------------------------------------------------------------------------
+
+
+class CompiledGraph:
+    """torch.compile(fn) that records how long each call that compiled a new graph took."""
+
+    def __init__(self, fn: Callable, mode: str, events: list[tuple[str, float]]):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   RECOMPILE_LIMIT)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+        self.name = fn.__name__
+        self.events = events
+        # CPU: inductor's channels-last layout for convolutions made these small convs 3-4x
+        # slower (torch 2.14, measured); keep NCHW.
+        self.fn = torch.compile(fn, fullgraph=True, dynamic=False,
+                                mode=None if mode == "default" else mode,
+                                options=None if mode != "default" else {"layout_optimization": False})
+
+    def __call__(self, *args):
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        out = self.fn(*args)
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != before:
+            self.events.append((self.name, time.perf_counter() - start))
+        return out
+
+
+class CompiledAdaptation:
+    """Adapts and scores tasks with the compiled graphs (first-order outer gradients only)."""
+
+    def __init__(self, mode: str = "default"):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        self.mode = mode
+        self.compile_events: list[tuple[str, float]] = []
+        self.inner_step = CompiledGraph(inner_step, mode, self.compile_events)
+        self.query_pass = CompiledGraph(query_pass, mode, self.compile_events)
+        self.query_logits = CompiledGraph(query_logits, mode, self.compile_events)
+
+    def take_compile_events(self) -> list[tuple[str, float]]:
+        """(graph, seconds) for every graph compiled since the last call."""
+        events = list(self.compile_events)
+        self.compile_events.clear()
+        return events
+
+    def _fresh(self, tensors: Params) -> Params:
+        """Under CUDA graphs an output is overwritten by the next replay: keep a private copy."""
+        if self.mode != "reduce-overhead":
+            return tensors
+        return {n: t.clone() for n, t in tensors.items()}
+
+    def __call__(self, model: nn.Module, params: Params, inner_names: list[str],
+                 masks: list[Params], rule: UpdateRule, support_x: torch.Tensor,
+                 support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor, steps: int,
+                 track_outer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-task query losses, query logits (tasks, n, ways)) of a stack of tasks.
+
+        masks[j] maps inner parameter names to task j's mask (differentiable w.r.t. phi). With
+        track_outer the losses carry the first-order outer gradient to params and masks.
+        """
+        frozen = {n: p.detach() for n, p in params.items() if n not in inner_names}
+        losses, logits = [], []
+        for j in range(support_x.shape[0]):
+            task_masks = {n: m.detach() for n, m in masks[j].items()}
+            fast = {n: rule.initial(params[n], task_masks.get(n)).detach() for n in inner_names}
+            summed = {n: torch.zeros_like(p) for n, p in fast.items()}
+            trajectory: list[Params] = []
+            with torch.no_grad():
+                for _ in range(steps):
+                    fast, grads = self.inner_step(model, frozen, fast, task_masks, support_x[j],
+                                                  support_y[j], rule)
+                    fast, grads = self._fresh(fast), self._fresh(grads)
+                    if rule.linear_in_gradient:
+                        torch._foreach_add_(list(summed.values()), list(grads.values()))
+                    else:
+                        trajectory.append(grads)
+                if not track_outer:
+                    out = self.query_logits(model, {**frozen, **fast}, query_x[j]).clone()
+                    losses.append(F.cross_entropy(out, query_y[j]))
+                    logits.append(out)
+                    continue
+                query_grads, loss, out = self.query_pass(model, {**frozen, **fast}, query_x[j],
+                                                         query_y[j])
+                query_grads = {n: g.clone() for n, g in query_grads.items()}
+                loss, out = loss.clone(), out.clone()
+            adapted = self._outer_graph(params, inner_names, masks[j], rule, summed, trajectory)
+            names = [n for n in params if params[n].requires_grad or n in adapted]
+            weights = [adapted.get(n, params[n]) for n in names]
+            losses.append(QueryLoss.apply(loss, *[query_grads[n] for n in names], *weights))
+            logits.append(out)
+        return torch.stack(losses), torch.stack(logits)
+
+    @staticmethod
+    def _outer_graph(params: Params, inner_names: list[str], masks: Params, rule: UpdateRule,
+                     summed: Params, trajectory: list[Params]) -> Params:
+        """The adapted inner weights as a differentiable function of theta and the masks."""
+        if rule.linear_in_gradient:  # p_T = theta - alpha*m*sum_t g_t: one update
+            return {n: rule.step(params[n], summed[n], masks.get(n)) for n in inner_names}
+        fast = {n: rule.initial(params[n], masks.get(n)) for n in inner_names}
+        for grads in trajectory:  # the weight mask multiplies every step
+            fast = {n: rule.step(fast[n], grads[n], masks.get(n)) for n in inner_names}
+        return fast
+
