@@ -256,16 +256,24 @@ def train_batches(exp: Experiment, first_step: int, num_steps: int) -> Iterable:
 
 
 def rng_states() -> dict:
-    """Python, NumPy and torch (CPU, CUDA) random states."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Python, NumPy and torch (CPU, CUDA) random states, as tensors and plain values (so that a
+    checkpoint loads with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states: dict) -> None:
     """Restore what rng_states() returned (CUDA states only where the same devices exist)."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(states["torch"].cpu())
     cuda = states.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
