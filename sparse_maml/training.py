@@ -14,6 +14,7 @@ across processes, and only rank 0 writes checkpoints and best.pt.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import random
@@ -137,6 +138,9 @@ class Experiment:
     # RNG states from a checkpoint, applied by fit() once its episode loader exists (creating a
     # DataLoader iterator draws from torch's generator, which the uninterrupted run did earlier).
     pending_rng: Optional[dict] = None
+    # The weights and optimizer states of the last meta-batch whose outer loss was finite: what the
+    # NaN guard rolls back to (see fit). None until one such meta-batch in this process.
+    last_good: Optional[dict] = None
 
 
 def build_experiment(config: Config, device: Optional[torch.device] = None) -> Experiment:
@@ -219,6 +223,52 @@ def _outer_step_shared(exp: Experiment, batch) -> tuple[float, float, bool]:
         return global_loss, global_acc, False
     _apply_update(exp, optimizers)
     return global_loss, global_acc, True
+
+
+def snapshot(exp: Experiment) -> dict:
+    """Copies of the learner's state and of the optimizer states, for rolling an update back."""
+    return {"learner": {k: v.detach().clone() for k, v in exp.learner.state_dict().items()},
+            "optimizers": [copy.deepcopy(o.state_dict()) for o in _optimizers(exp)]}
+
+
+def roll_back(exp: Experiment, saved: dict) -> None:
+    """Put back the weights and optimizer states of a snapshot()."""
+    exp.learner.load_state_dict(saved["learner"])
+    for opt, state in zip(_optimizers(exp), saved["optimizers"]):
+        opt.load_state_dict(copy.deepcopy(state))
+
+
+def state_is_finite(exp: Experiment) -> bool:
+    """Whether every weight, buffer and optimizer-state tensor is finite (all processes agree)."""
+    tensors = list(exp.learner.state_dict().values())
+    for opt in _optimizers(exp):
+        for per_param in opt.state.values():
+            tensors += [v for v in per_param.values() if torch.is_tensor(v)]
+    finite = all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point())
+    return not distributed.any_process(not finite)
+
+
+def _optimizers(exp: Experiment) -> list[torch.optim.Optimizer]:
+    return [o for o in (exp.theta_optimizer, exp.mask_optimizer) if o is not None]
+
+
+def guarded_step(exp: Experiment, batch) -> tuple[float, float, bool]:
+    """outer_step, then undo an update that left a weight or an optimizer state non-finite.
+
+    A finite loss marks the weights it was computed with as good (exp.last_good). An update can
+    still overflow (outer.lr=1e300 gives inf weights) or give finite but huge weights (1e30) whose
+    next loss is not finite; the first is rolled back here at once, the second by fit() when the
+    NaN guard stops the run, so the stop checkpoint never holds weights that gave no finite loss.
+    """
+    before = snapshot(exp)
+    loss, acc, applied = outer_step(exp, batch)
+    if not applied:
+        return loss, acc, False
+    if not state_is_finite(exp):
+        roll_back(exp, before)
+        return loss, acc, False
+    exp.last_good = before  # these weights gave a finite loss and a finite update
+    return loss, acc, True
 
 
 def _apply_update(exp: Experiment, optimizers: list[torch.optim.Optimizer]) -> None:
@@ -433,7 +483,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
             set_rng_states(exp.pending_rng)
             exp.pending_rng = None
         for batch in batches:
-            loss, acc, applied = outer_step(exp, batch.to(exp.device, non_blocking=True))
+            loss, acc, applied = guarded_step(exp, batch.to(exp.device, non_blocking=True))
             state.step += 1
             bar.update(1)
             if applied:
@@ -445,16 +495,18 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
                 state.bad_streak += 1
                 state.skipped_steps += 1
                 state.epoch_skipped += 1
-                bar.write(f"step {state.step}: non-finite outer loss ({loss}) or gradient; "
-                          f"update skipped ({state.bad_streak} in a row)")
+                bar.write(f"step {state.step}: non-finite outer loss ({loss}), gradient, weight "
+                          f"or optimizer state; update skipped ({state.bad_streak} in a row)")
                 if state.bad_streak >= config.outer.max_bad_steps:
                     log.log("diverged", state.step, epoch=epoch, bad_streak=state.bad_streak,
                             skipped_steps=state.skipped_steps)
+                    if exp.last_good is not None:  # the weights that last gave a finite loss
+                        roll_back(exp, exp.last_good)
                     path = save()
                     bar.close()
                     raise TrainingDiverged(
                         f"stopped: {state.bad_streak} consecutive meta-batches (up to step "
-                        f"{state.step}) had a non-finite outer loss or gradient "
+                        f"{state.step}) had a non-finite outer loss, gradient or update "
                         f"(outer.max_bad_steps={config.outer.max_bad_steps}); the weights in {path} "
                         "are the last good ones. Lower outer.lr, outer.mask_lr or inner.step_size, "
                         "or set outer.grad_clamp.", path)

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .base import ArraySplit, DataError, EncodedSplit, FewShotSplit, Hdf5Split, ImageFileSplit
+from .base import (ArraySplit, DataError, EncodedSplit, FewShotSplit, Hdf5Split, ImageFileSplit,
+                   visible_entries)
 from .layouts import Layout
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -229,15 +230,15 @@ def open_csv(root: Path, split: str, path: Path) -> FewShotSplit:
 def _split_folder(root: Path, split: str) -> Optional[Path]:
     for alias in SPLIT_ALIASES[split]:
         folder = root / alias
-        if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()):
+        if folder.is_dir() and any(p.is_dir() for p in visible_entries(folder)):
             return folder
     return None
 
 
 def read_image_folder(folder: Path) -> tuple[list[str], list[list[Path]]]:
     """Classes (sorted sub-folder names) and their image files (sorted) of `split/class/*.jpg`."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    files = [sorted(p for p in (folder / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    classes = sorted(p.name for p in visible_entries(folder) if p.is_dir())
+    files = [sorted(p for p in visible_entries(folder / c) if p.suffix.lower() in IMAGE_SUFFIXES)
              for c in classes]
     return classes, files
 
