@@ -31,12 +31,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, load_config, to_dict
 from .data import EpisodeDataset, build_episodes, build_split, episode_loader, stack_tasks
 from .evaluation import EVAL_SEED, evaluate
 from .meta_learner import MetaLearner, build_meta_learner
-from .run_log import (CONFIG, NullRunLog, RunLog, check_existing_run, make_run_dir, new_run_dir,
-                      write_config)
+from .run_log import (CONFIG, NullRunLog, RunLog, check_existing_run, check_resumable, make_run_dir,
+                      new_run_dir, record_written, write_config)
+from .run_lock import RunLock
 from .runtime import mean_confidence_interval, resolve_device, seed_everything
 
 # Exit statuses of train.py besides 0 (done) and 1 (error); Python itself uses 1 and 2.
@@ -339,6 +340,7 @@ def save_checkpoint(exp: Experiment, run_dir: Path, log: RunLog) -> Path:
     if not distributed.is_main_process():  # every process holds the same state; rank 0 writes it
         return path
     log.flush()
+    record_written(Path(run_dir), path.name)
     checkpoint.save_atomic({
         "format": checkpoint.FORMAT,
         "learner": exp.learner.state_dict(),
@@ -398,6 +400,7 @@ def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, b
     if is_best:
         state.best_val_accuracy, state.best_val_ci, state.best_epoch = mean, ci, epoch
     if is_best and distributed.is_main_process():
+        record_written(run_dir, checkpoint.BEST)
         checkpoint.save_atomic({"learner": learner.state_dict(), "epoch": epoch, "step": state.step,
                                 "val_accuracy": mean, "val_ci": ci}, run_dir / checkpoint.BEST)
     log.log("val", state.step, epoch=epoch, accuracy=mean, ci95=ci, best=is_best,
@@ -411,21 +414,60 @@ def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, b
 def open_run(config: Config, device: torch.device, resume_dir: Optional[Path] = None,
              report: Report = print) -> tuple[Experiment, Path, RunLog | NullRunLog]:
     """The experiment, its run folder and its log: a new run, or the run in `resume_dir` restored
-    from its newest loadable checkpoint. Only rank 0 writes; every process builds the same state."""
+    from its newest loadable checkpoint. Only rank 0 writes, holding the folder's lock (released by
+    the log's close()); every process builds the same state."""
     main_process = distributed.is_main_process()
     if resume_dir is None:
         run_dir = distributed.on_main(new_run_dir, config)  # rank 0 picks the time-stamped name
-        exp = build_experiment(config, device)  # data errors surface before the folder is written
-        distributed.on_main(make_run_dir, config, run_dir)
-        return exp, run_dir, RunLog(run_dir, config.run.tensorboard) if main_process else NullRunLog()
+        try:
+            exp = build_experiment(config, device)  # data errors surface before the folder is written
+        except BaseException:
+            if main_process and not config.run.dir:
+                _remove_if_empty(run_dir)
+            raise
+        lock = None
+        if main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir, report).acquire()
+        try:
+            distributed.on_main(make_run_dir, config, run_dir)  # refuses a used folder, under the lock
+            return exp, run_dir, (RunLog(run_dir, config.run.tensorboard, lock=lock)
+                                  if main_process else NullRunLog())
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
 
+    lock = RunLock(resume_dir, report).acquire() if main_process else None
+    try:
+        return _open_existing(config, device, resume_dir, lock, report)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a run folder made for a run that failed before writing anything."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _open_existing(config: Config, device: torch.device, resume_dir: Path, lock: Optional[RunLock],
+                   report: Report) -> tuple[Experiment, Path, RunLog | NullRunLog]:
+    """open_run for a run folder that already holds the run, its lock taken."""
+    main_process = distributed.is_main_process()
     changes = check_existing_run(config, resume_dir)  # before any file is touched
-    exp = build_experiment(config, device)
     if main_process:
         checkpoint.remove_stale_temporaries(resume_dir)
     found = checkpoint.load_latest(resume_dir)  # every process reads the same checkpoint
     if found is not None:
         path, saved = found
+        _check_against_checkpoint(config, saved, path)
+    exp = build_experiment(config, device)
+    if found is not None:
         restore_checkpoint(exp, saved, path)
     distributed.barrier()  # all have read the checkpoints before rank 0 writes anything
     if main_process:  # only once the checkpoint fits the new config
@@ -433,15 +475,40 @@ def open_run(config: Config, device: torch.device, resume_dir: Optional[Path] = 
     for key, (old, new) in changes.items():
         if key != "run.dir":
             report(f"resume: {key}: {old!r} -> {new!r}")
+    if not main_process:
+        return exp, resume_dir, NullRunLog()
     if found is None:
         report(f"{resume_dir} holds no checkpoint yet: starting it from the beginning")
-        log = RunLog(resume_dir, config.run.tensorboard, truncate_to=0, purge_step=0)
+        log = RunLog(resume_dir, config.run.tensorboard, truncate_to=0, purge_step=0, lock=lock)
     else:
         report(f"resuming {resume_dir} from {path.name}: {exp.state.epoch} epochs and "
                f"{exp.state.step} meta-batches done")
         log = RunLog(resume_dir, config.run.tensorboard, truncate_to=saved["metrics_bytes"],
-                     purge_step=exp.state.step + 1)
-    return exp, resume_dir, log if main_process else NullRunLog()
+                     purge_step=exp.state.step + 1, lock=lock)
+    if log.dropped:
+        kinds = sorted({str(r.get("kind")) for r in log.dropped})
+        report(f"resume: dropped {len(log.dropped)} records of metrics.jsonl written after the "
+               f"checkpoint ({', '.join(kinds)}); the resumed run writes them again")
+    if log.kept:
+        report(f"resume: kept {len(log.kept)} test.py records written after the checkpoint")
+    return exp, resume_dir, log
+
+
+def _check_against_checkpoint(config: Config, saved: dict, path: Path) -> None:
+    """Refuse a config that differs from the one the checkpoint was trained with (config.yaml
+    may have been edited by hand since) in keys a resume may not change."""
+    if not isinstance(saved.get("config"), dict):
+        return  # checkpoints of older versions do not hold their config
+    try:
+        used = load_config(None, (), base=saved["config"])
+    except ConfigError as err:
+        raise checkpoint.CheckpointError(f"checkpoint {path} holds a config this version cannot "
+                                         f"read: {err}") from err
+    try:
+        check_resumable(used, config, path.parent)
+    except ConfigError as err:
+        raise ConfigError(f"{err}\n(compared with the config stored in {path}, which is what the run "
+                          f"used: was {CONFIG} edited by hand?)") from err
 
 
 def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
@@ -545,6 +612,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         exp.pending_rng = None
     if state.best_epoch == 0 and distributed.is_main_process():
         # val_from_epoch beyond the last epoch: keep the final weights
+        record_written(run_dir, checkpoint.BEST)
         checkpoint.save_atomic({"learner": learner.state_dict(), "epoch": state.epoch,
                                 "step": state.step, "val_accuracy": float("nan"),
                                 "val_ci": float("nan")}, run_dir / checkpoint.BEST)
