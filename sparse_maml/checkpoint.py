@@ -57,17 +57,30 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     A crash part-way leaves the previous file untouched, never a truncated one under its name.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}") from err
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({_first_line(err)}); the previous checkpoints are "
+            "intact. Free disk space (or raise the file-size limit) and resume the run") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -100,8 +113,8 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
 
 def _refused_global(err: Exception) -> str:
     """The 'Unsupported global: ...' clause of torch's weights_only error, without its advice."""
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-    return f"refused global {match.group(1)}" if match else str(err).splitlines()[-1][:200]
+    match = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(err))
+    return f"refused global {match.group(1)}" if match else "refused a global"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

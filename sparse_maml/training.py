@@ -144,6 +144,36 @@ class Experiment:
     last_good: Optional[dict] = None
 
 
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device` (the machine's RAM for the CPU; 0 if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(config: Config, channels: int, image_size: int, device: torch.device) -> None:
+    """Refuse (ConfigError) an image size whose meta-batch cannot fit in the device's memory.
+
+    The estimate is a lower bound: the float32 images of the larger of a meta-batch and an
+    evaluation batch, and the first block's two activation maps (convolution and batch norm),
+    each kept once; a real step needs several times more, so only a hopeless size is refused.
+    """
+    d = config.data
+    per_task = d.num_ways * (d.num_shots + d.num_query)
+    tasks = max(config.outer.meta_batch_size, config.train.eval_batch_size)
+    needed = tasks * per_task * (channels + 2 * config.model.widths[0]) * image_size ** 2 * 4
+    available = device_memory(device)
+    if available and needed > available:
+        raise ConfigError(
+            f"data.image_size={image_size}: {tasks} tasks of {per_task} images need at least "
+            f"{needed / 2**30:,.1f} GiB for the images and first-layer activations alone, more than "
+            f"the {available / 2**30:,.1f} GiB of {device}; lower data.image_size, "
+            "outer.meta_batch_size or train.eval_batch_size")
+
+
 def build_experiment(config: Config, device: Optional[torch.device] = None) -> Experiment:
     """Data, meta-learner and optimizers; seeds everything first (every process alike)."""
     device = device or resolve_device(config.run.device)
@@ -152,6 +182,7 @@ def build_experiment(config: Config, device: Optional[torch.device] = None) -> E
     train_split = build_split(config.data, "train")
     val_split = build_split(config.data, "val")
     image_size = config.data.image_size or train_split.native_size
+    check_memory(config, train_split.channels, image_size, device)
     learner = build_meta_learner(config, train_split.channels, image_size).to(device)
     outer = config.outer
     theta_opt = make_optimizer(outer.optimizer, learner.theta_parameters(), outer.lr, outer.momentum)
@@ -191,8 +222,7 @@ def outer_step(exp: Experiment, batch) -> tuple[float, float, bool]:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         return loss.item(), accuracies.mean().item(), False
-    _apply_update(exp, optimizers)
-    return loss.item(), accuracies.mean().item(), True
+    return loss.item(), accuracies.mean().item(), _apply_update(exp, optimizers)
 
 
 def _outer_step_shared(exp: Experiment, batch) -> tuple[float, float, bool]:
@@ -222,8 +252,7 @@ def _outer_step_shared(exp: Experiment, batch) -> tuple[float, float, bool]:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         return global_loss, global_acc, False
-    _apply_update(exp, optimizers)
-    return global_loss, global_acc, True
+    return global_loss, global_acc, _apply_update(exp, optimizers)
 
 
 def snapshot(exp: Experiment) -> dict:
@@ -264,6 +293,7 @@ def guarded_step(exp: Experiment, batch) -> tuple[float, float, bool]:
     before = snapshot(exp)
     loss, acc, applied = outer_step(exp, batch)
     if not applied:
+        roll_back(exp, before)  # an overflowing optimizer step may have changed some tensors
         return loss, acc, False
     if not state_is_finite(exp):
         roll_back(exp, before)
@@ -272,16 +302,26 @@ def guarded_step(exp: Experiment, batch) -> tuple[float, float, bool]:
     return loss, acc, True
 
 
-def _apply_update(exp: Experiment, optimizers: list[torch.optim.Optimizer]) -> None:
-    """Clamp theta's gradients if configured, then step the optimizers."""
+def _apply_update(exp: Experiment, optimizers: list[torch.optim.Optimizer]) -> bool:
+    """Clamp theta's gradients if configured, then step the optimizers; False if a step overflowed
+    (torch refuses a learning rate beyond float32's range, e.g. outer.lr=1e300, part way through
+    the update: the caller rolls it back)."""
     learner, config = exp.learner, exp.config
     if config.outer.grad_clamp is not None:  # theta only, as in the reference
         c = config.outer.grad_clamp
         for p in learner.theta_parameters():
             if p.grad is not None:
                 p.grad.clamp_(-c, c)
-    for opt in optimizers:
-        opt.step()
+    try:
+        for opt in optimizers:
+            opt.step()
+    except RuntimeError as err:
+        if "overflow" not in str(err):
+            raise
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return False
+    return True
 
 
 def train_batches(exp: Experiment, first_step: int, num_steps: int) -> Iterable:
