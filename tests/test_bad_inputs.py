@@ -15,6 +15,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -360,3 +361,134 @@ def test_bad_input(row: Row, tmp_path, finished_run, mini_data, capsys, monkeypa
     assert tree_state(tmp_path, row.may_change) == before, "a file outside the run folder changed"
     if row.after is not None:
         row.after(ws)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults that need more than one command, or the real script in its own process
+
+def test_resume_of_a_finished_run_keeps_test_py_records(tmp_path, finished_run, capsys):
+    """test.py's records survive a resume that cuts metrics.jsonl back to its checkpoint, and the
+    resume says what it dropped."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert test_script.cli([str(run), "--split", "val"]) == 0
+    evaluations = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                   if r["kind"] == "test" and r["step"] == -1]
+    assert len(evaluations) == 1
+    capsys.readouterr()
+    assert train.cli(["--resume", str(run), "train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: kept 1 test.py records" in out
+    assert "resume: dropped 1 records of metrics.jsonl written after the checkpoint (test)" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["kind"] == "test" and r["step"] == -1] == evaluations
+    assert [r["epoch"] for r in records if r["kind"] == "train"] == [1, 2]
+
+
+def test_second_resume_of_a_running_run_is_refused(tmp_path, finished_run, capsys):
+    """While one train.py resumes a run, a second is refused with a message naming the first."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--resume", str(run),
+                              "train.epochs=400"], env=ENV, cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            if (run / LOCK).exists() or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert (run / LOCK).exists(), first.communicate()[0]
+        size = (run / "metrics.jsonl").stat().st_size
+        assert train.cli(["--resume", str(run), "train.epochs=400"]) == 1
+        err = capsys.readouterr().err
+        assert f"in use by process {first.pid}" in err and "Traceback" not in err
+        for _ in range(1200):  # stop it once it trains (its signal handler is in place)
+            if checkpoint.list_checkpoints(run)[-1][0] > 2 or first.poll() is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        first.terminate()
+        out = first.communicate(timeout=120)[0]
+    assert first.returncode == 3, out  # the first writer stopped cleanly, resumable
+    assert not (run / LOCK).exists()
+    assert (run / "metrics.jsonl").stat().st_size >= size
+
+
+def test_same_second_runs_get_their_own_folders(tmp_path):
+    """Two runs with the same name started in the same second never share a folder."""
+    from sparse_maml.config import load_config
+    from sparse_maml.run_log import new_run_dir
+
+    config = load_config(None, [f"run.out_dir={tmp_path}", "run.name=same"])
+    folders = {new_run_dir(config) for _ in range(3)}
+    assert len(folders) == 3 and all(f.is_dir() for f in folders)
+
+
+def test_full_disk_while_saving_keeps_the_old_checkpoints(tmp_path, monkeypatch, capsys):
+    """No space left while writing a checkpoint: a message, exit 1, the older checkpoint intact."""
+    real_save = torch.save
+    calls = []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter "
+                               "failed writing file data/0: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    run = tmp_path / "run"
+    status = train.cli([*TINY, f"run.dir={run}", "run.checkpoint_every=1",
+                        "train.batches_per_epoch=3"])
+    err = capsys.readouterr().err
+    assert status == 1 and "could not write checkpoint" in err and "previous checkpoints are intact" in err
+    assert "Traceback" not in err
+    (step, path), = checkpoint.list_checkpoints(run)
+    assert step == 1 and checkpoint.load(path)["state"]["step"] == 1
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_file_size_limit_through_train_py(tmp_path):
+    """The real script under a file-size limit: a message naming the file, no traceback."""
+    run = tmp_path / "run"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"run.dir={run}",
+                             "model.widths=[16,16,16,16]"], env=ENV, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and str(run) in result.stderr
+
+
+def test_corrupt_image_in_a_dataloader_worker(tmp_path, mini_data):
+    """A corrupt image found by a worker process: its message (naming the file), not the worker's
+    traceback."""
+    root = write_miniimagenet(tmp_path / "mini", "folder", mini_data)
+    for bad in sorted((root / "train").rglob("*.jpg")):
+        bad.write_bytes(b"\xff\xd8 truncated")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "data.name=miniimagenet",
+                             f"data.root={root}", "data.num_workers=1", "data.image_size=16",
+                             f"run.dir={tmp_path / 'run'}"], env=ENV, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "is corrupt or not an image" in result.stderr and str(root / "train") in result.stderr
+    assert "(in a DataLoader worker)" in result.stderr
+
+
+def test_malicious_pickle_through_the_real_script(tmp_path):
+    """The crafted mini-imagenet pickle, through train.py in its own process: refused, not run."""
+    root = tmp_path / "mini"
+    ws = Workspace(tmp_path, tmp_path, {})
+    for split in ("train", "val", "test"):
+        payload_pickle(root / f"mini-imagenet-cache-{split}.pkl", ws)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY,
+                             "data.name=miniimagenet", f"data.root={root}"], env=ENV, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "was refused" in result.stderr
+    assert "Traceback" not in result.stderr
+    no_payload(ws)
