@@ -492,3 +492,45 @@ def test_malicious_pickle_through_the_real_script(tmp_path):
     assert result.returncode == 1 and "was refused" in result.stderr
     assert "Traceback" not in result.stderr
     no_payload(ws)
+
+
+LAUNCHER = ROOT / "run_sparse_MAML.sh"
+
+
+def launch(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LAUNCHER), *args], env=env or ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_restarted_launcher_continues_unfinished_runs_and_skips_finished_ones(tmp_path):
+    """An interrupted row (trained, not yet tested) is continued by starting the script again;
+    a finished one is skipped."""
+    out = tmp_path / "runs"
+    first = launch("--debug", "--out", str(out), "maml_conv4_5shot", "train.test_after_training=false")
+    assert first.returncode == 0, first.stderr
+    metrics = out / "maml_conv4_5shot" / "metrics.jsonl"
+    assert '"kind": "test"' not in metrics.read_text()
+    again = launch("--debug", "--out", str(out), "maml_conv4_5shot")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming" in again.stdout and '"kind": "test", "step": 1' in metrics.read_text()
+    third = launch("--debug", "--out", str(out), "maml_conv4_5shot")
+    assert third.returncode == 0 and "done already" in third.stdout
+
+
+def test_launcher_reports_a_stopped_run_as_stopped(tmp_path):
+    """train.py's exit 3 (stopped at a checkpoint) is 'stopped', not FAILED; no further row runs."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"ran $3\"\nexit 3\n")
+    fake.chmod(0o755)
+    result = launch("--out", str(tmp_path / "runs"), "maml_conv4_5shot", "anil_conv4_5shot",
+                    env={**ENV, "PYTHON": str(fake)})
+    assert result.returncode == 3
+    assert "maml_conv4_5shot stopped at a checkpoint" in result.stderr
+    assert "FAILED" not in result.stderr + result.stdout
+    assert "anil_conv4_5shot" not in result.stdout
+
+
+def test_launcher_help_is_its_comment_block():
+    help_text = launch("--help").stdout
+    assert help_text.startswith("Reproduce the results table")
+    assert "set -euo" not in help_text and "cd " not in help_text
