@@ -534,3 +534,31 @@ def test_launcher_help_is_its_comment_block():
     help_text = launch("--help").stdout
     assert help_text.startswith("Reproduce the results table")
     assert "set -euo" not in help_text and "cd " not in help_text
+
+
+def test_prepare_cars_without_archives_says_from_archive_at_once(tmp_path, capsys):
+    """Stanford Cars has no live URL: a message pointing to --from-archive, no download tried."""
+    sys.path.insert(0, str(ROOT / "utils"))
+    import prepare_data
+
+    assert prepare_data.main(["cars", "--root", str(tmp_path / "cars"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--from-archive" in err and "no download link" in err and "Traceback" not in err
+    assert not (tmp_path / "cars").exists()
+
+
+def test_prepare_finds_cub_already_extracted_in_root(tmp_path, monkeypatch, capsys):
+    """A CUB folder already extracted into --root is used as it is; nothing is downloaded."""
+    from sparse_maml.data import download
+    from sparse_maml.data.fixtures import write_cub
+
+    sys.path.insert(0, str(ROOT / "utils"))
+    import prepare_data
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was tried")
+
+    monkeypatch.setattr(download, "download", no_download)
+    root = write_cub(tmp_path / "cub", per_class=1)
+    assert prepare_data.main(["cub", "--root", str(root), "--no-progress"]) == 0
+    assert "already in root, not downloaded" in capsys.readouterr().out
