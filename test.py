@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     mean, ci = mean_confidence_interval(accs)
     if not main_process:  # every process has the same numbers; rank 0 reports them
         return mean, ci
-    log = RunLog(run_dir, tensorboard=False)
+    log = RunLog(run_dir, tensorboard=False, record=False)
     log.log("test", -1, dataset=config.data.name, split=args.split, accuracy=mean, ci95=ci,
             num_tasks=len(accs), steps=config.inner.eval_steps, epoch=info["epoch"],
             overrides=args.overrides)

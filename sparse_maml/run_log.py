@@ -188,16 +188,18 @@ class RunLog:
     seen and `purge_step` hides TensorBoard events from that step on, so records written after the
     checkpoint (and replayed by the resumed run) appear once. test.py's records after that point
     are kept (written back after the cut); `kept` and `dropped` list what was kept and cut.
-    `lock` (a RunLock) is released by close().
+    `lock` (a RunLock) is released by close(). `record=False` (test.py appending to a run it did
+    not write) leaves the run's record of its files alone.
     """
 
     def __init__(self, run_dir: Path, tensorboard: bool, truncate_to: Optional[int] = None,
-                 purge_step: Optional[int] = None, lock: Any = None):
+                 purge_step: Optional[int] = None, lock: Any = None, record: bool = True):
         self.path = Path(run_dir) / METRICS
         self.lock = lock
         self.kept: list[dict[str, Any]] = []
         self.dropped: list[dict[str, Any]] = []
-        record_written(Path(run_dir), METRICS)
+        if record:
+            record_written(Path(run_dir), METRICS)
         if truncate_to is not None and self.path.is_file() and self.path.stat().st_size > truncate_to:
             self._cut(truncate_to)
         self.writer = None

@@ -292,6 +292,16 @@ def _user_files_kept(ws):
         assert (ws.root / "run" / name).read_text() == "the user's", name
 
 
+def _overwrite_without_record(ws):
+    run = ws.run_copy()
+    (run / ".run-files").unlink()  # as a folder written by an older version
+    return [*TINY, f"run.dir={run}", "run.overwrite=true"]
+
+
+def _old_run_untouched(ws):
+    assert (ws.root / "run" / "best.pt").is_file() and checkpoint.list_checkpoints(ws.root / "run")
+
+
 ROWS = [
     Row("malicious best.pt (test.py)", _malicious_best, 1, "refused global", script="test",
         after=no_payload),
@@ -328,6 +338,8 @@ ROWS = [
         after=_names_bad_file, may_change=()),
     Row("run.overwrite spares the user's files", _overwrite_spares_user_files, 0, "test accuracy",
         after=_user_files_kept),
+    Row("run.overwrite on a folder without a record", _overwrite_without_record, 1,
+        "no record of the files it wrote", after=_old_run_untouched),
 ]
 
 
