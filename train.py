@@ -207,7 +207,7 @@ def cli(argv: list[str] | None = None) -> int:
         cfg, resume_from = load_run_config(args.config, args.overrides, args.resume)
         if args.check_data:
             return check_data(cfg)
-        if args.config is None and args.resume is None and lead:
+        if args.config is None and args.resume is None and not args.overrides and lead:
             print("no -c CONFIG: running the built-in demo (synthetic glyphs)")
         main(cfg, resume_from)
     except TrainingStopped as stopped:

@@ -274,7 +274,8 @@ def state_is_finite(exp: Experiment) -> bool:
     for opt in _optimizers(exp):
         for per_param in opt.state.values():
             tensors += [v for v in per_param.values() if torch.is_tensor(v)]
-    finite = all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point())
+    checks = [t.isfinite().all() for t in tensors if t.is_floating_point()]
+    finite = not checks or bool(torch.stack(checks).all())  # one device sync, not one per tensor
     return not distributed.any_process(not finite)
 
 
@@ -478,6 +479,7 @@ def open_run(config: Config, device: torch.device, resume_dir: Optional[Path] = 
                 lock.release()
             raise
 
+    check_existing_run(config, resume_dir)  # a clear message for a folder that holds no run
     lock = RunLock(resume_dir, report).acquire() if main_process else None
     try:
         return _open_existing(config, device, resume_dir, lock, report)
@@ -499,7 +501,7 @@ def _open_existing(config: Config, device: torch.device, resume_dir: Path, lock:
                    report: Report) -> tuple[Experiment, Path, RunLog | NullRunLog]:
     """open_run for a run folder that already holds the run, its lock taken."""
     main_process = distributed.is_main_process()
-    changes = check_existing_run(config, resume_dir)  # before any file is touched
+    changes = check_existing_run(config, resume_dir)  # again, under the lock; nothing touched yet
     if main_process:
         checkpoint.remove_stale_temporaries(resume_dir)
     found = checkpoint.load_latest(resume_dir)  # every process reads the same checkpoint

@@ -254,6 +254,11 @@ def _test_args_intermixed(ws):
     return [str(run), "--split", "val", "inner.eval_steps=2"]
 
 
+def _train_args_intermixed(ws):
+    run = ws.run_copy()
+    return ["train.epochs=2", "--resume", str(run), "run.progress=false"]
+
+
 def _test_no_run(ws):
     (ws.root / "notes").mkdir()
     return [str(ws.root / "notes")]
@@ -330,6 +335,8 @@ ROWS = [
     Row("finite but huge update outer.lr=1e30", _lr_huge, 4, "are the last good ones",
         after=_stop_checkpoint_is_sane),
     Row("test.py options after overrides", _test_args_intermixed, 0, "synthetic/val", script="test"),
+    Row("train.py overrides before and after --resume", _train_args_intermixed, 0,
+        "resume: train.epochs: 1 -> 2"),
     Row("test.py on a folder without a run", _test_no_run, 1, "holds no config.yaml", script="test",
         may_change=()),
     Row("hidden folder is not a class", _hidden_class_folder, 0, "every image decodes",
