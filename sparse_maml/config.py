@@ -148,7 +148,8 @@ class OuterConfig:
     plain step-by-step chain of the reference code, which the other two are tested against."""
     max_bad_steps: int = 10
     """Stop the run (after checkpointing the last good state) when this many consecutive meta-batches
-    have a non-finite outer loss or gradient; each such update is skipped and counted."""
+    have a non-finite outer loss, gradient or update; each such update is skipped (or rolled back)
+    and counted."""
 
 
 @dataclass(frozen=True)

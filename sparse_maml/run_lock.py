@@ -62,7 +62,7 @@ class RunLock:
         try:
             for _ in range(3):
                 try:
-                    os.link(tmp, self.path)
+                    self._create(tmp)
                     self.held = True
                     return self
                 except FileExistsError:
@@ -70,6 +70,17 @@ class RunLock:
             raise RunLocked(f"could not take the lock {self.path}: it keeps changing hands")
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _create(self, tmp: Path) -> None:
+        """Make the lock file from `tmp`; FileExistsError if it is taken."""
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: exclusive create, then write
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.me))
 
     def _clear_stale(self) -> None:
         holder = _read(self.path)

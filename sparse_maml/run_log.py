@@ -60,6 +60,16 @@ def record_written(run_dir: Path, *names: str) -> None:
             f.write("".join(f"{n}\n" for n in new))
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporaries (`.<name>.*.tmp`) that killed saves of the run's own files left."""
+    run_dir = Path(run_dir)
+    stale = [p for name in written_files(run_dir) if "/" not in name
+             for p in run_dir.glob(f".{name}.*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def remove_written(run_dir: Path) -> list[Path]:
     """Delete the files the run in `run_dir` recorded (with their temporaries) and the record."""
     run_dir = Path(run_dir)

@@ -35,8 +35,9 @@ from .config import Config, ConfigError, load_config, to_dict
 from .data import EpisodeDataset, build_episodes, build_split, episode_loader, stack_tasks
 from .evaluation import EVAL_SEED, evaluate
 from .meta_learner import MetaLearner, build_meta_learner
-from .run_log import (CONFIG, NullRunLog, RunLog, check_existing_run, check_resumable, make_run_dir,
-                      new_run_dir, record_written, write_config)
+from .run_log import (CONFIG, WRITTEN, NullRunLog, RunLog, check_existing_run, check_resumable,
+                      make_run_dir, new_run_dir, record_written, remove_stale_temporaries,
+                      write_config)
 from .run_lock import RunLock
 from .runtime import mean_confidence_interval, resolve_device, seed_everything
 
@@ -502,8 +503,11 @@ def _open_existing(config: Config, device: torch.device, resume_dir: Path, lock:
     """open_run for a run folder that already holds the run, its lock taken."""
     main_process = distributed.is_main_process()
     changes = check_existing_run(config, resume_dir)  # again, under the lock; nothing touched yet
-    if main_process:
-        checkpoint.remove_stale_temporaries(resume_dir)
+    if main_process:  # only temporaries of files the run recorded (a record-less older run: *.pt)
+        if (resume_dir / WRITTEN).is_file():
+            remove_stale_temporaries(resume_dir)
+        else:
+            checkpoint.remove_stale_temporaries(resume_dir)
     found = checkpoint.load_latest(resume_dir)  # every process reads the same checkpoint
     if found is not None:
         path, saved = found

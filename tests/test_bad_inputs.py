@@ -289,12 +289,14 @@ def _overwrite_spares_user_files(ws):
     run = ws.run_copy()
     for name in ("checkpoint-mine.pt", ".draft.tmp", "notes.txt"):
         (run / name).write_text("the user's")
+    (run / ".best.pt.k1ll3d.tmp").write_text("left by a killed save of the run")
     return [*TINY, f"run.dir={run}", "run.overwrite=true"]
 
 
 def _user_files_kept(ws):
     for name in ("checkpoint-mine.pt", ".draft.tmp", "notes.txt"):
         assert (ws.root / "run" / name).read_text() == "the user's", name
+    assert not (ws.root / "run" / ".best.pt.k1ll3d.tmp").exists()
 
 
 def _overwrite_without_record(ws):
