@@ -98,16 +98,18 @@ def write_config(config: Config, path: Path) -> None:
         raise
 
 
-def _make_folder(path: Path, exist_ok: bool) -> None:
+def make_folder(path: Path, exist_ok: bool) -> None:
     """mkdir -p, with a message naming the path when it cannot be made (a file in the way, ...)."""
     try:
         path.mkdir(parents=True, exist_ok=exist_ok)
     except FileExistsError:
         if exist_ok or not path.is_dir():
-            raise ConfigError(f"run folder {path}: a file of that name (or above it) is in the way")
+            raise ConfigError(f"run folder {path} (run.dir, or under run.out_dir): a file of that "
+                              "name is in the way")
         raise
-    except (NotADirectoryError, PermissionError, OSError) as err:
-        raise ConfigError(f"run folder {path} cannot be created: {err.strerror or err}") from err
+    except OSError as err:  # a file where a parent folder should be, no permission, ...
+        raise ConfigError(f"run folder {path} (run.dir, or under run.out_dir) cannot be created: "
+                          f"{err.strerror or err}") from err
 
 
 def run_dir_path(config: Config) -> Path:
@@ -119,7 +121,7 @@ def run_dir_path(config: Config) -> Path:
     for suffix in range(10_000):
         path = Path(config.run.out_dir) / f"{config.run.name}-{stamp}{f'-{suffix}' if suffix else ''}"
         try:
-            _make_folder(path, exist_ok=False)
+            make_folder(path, exist_ok=False)
             return path
         except FileExistsError:
             continue
@@ -149,7 +151,7 @@ def make_run_dir(config: Config, path: Optional[Path] = None) -> Path:
     only those); a folder holding a run without that record is refused.
     """
     path = path or new_run_dir(config)
-    _make_folder(path, exist_ok=True)
+    make_folder(path, exist_ok=True)
     if holds_run(path):
         _refuse_used(path, config)
         if not (path / WRITTEN).is_file():

@@ -36,8 +36,8 @@ from .data import EpisodeDataset, build_episodes, build_split, episode_loader, s
 from .evaluation import EVAL_SEED, evaluate
 from .meta_learner import MetaLearner, build_meta_learner
 from .run_log import (CONFIG, WRITTEN, NullRunLog, RunLog, check_existing_run, check_resumable,
-                      make_run_dir, new_run_dir, record_written, remove_stale_temporaries,
-                      write_config)
+                      make_folder, make_run_dir, new_run_dir, record_written,
+                      remove_stale_temporaries, write_config)
 from .run_lock import RunLock
 from .runtime import mean_confidence_interval, resolve_device, seed_everything
 
@@ -469,7 +469,7 @@ def open_run(config: Config, device: torch.device, resume_dir: Optional[Path] = 
             raise
         lock = None
         if main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(run_dir, exist_ok=True)
             lock = RunLock(run_dir, report).acquire()
         try:
             distributed.on_main(make_run_dir, config, run_dir)  # refuses a used folder, under the lock

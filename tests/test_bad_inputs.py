@@ -321,7 +321,7 @@ ROWS = [
     Row("pickle class rows out of range", _rows_out_of_range, 1, "lists row 10000"),
     Row("empty config file", _empty_yaml, 1, "empty.yaml is empty"),
     Row("config file not UTF-8", _binary_yaml, 1, "model.yaml is not UTF-8"),
-    Row("run.dir under a file", _run_dir_under_file, 1, "afile"),
+    Row("run.dir under a file", _run_dir_under_file, 1, "(run.dir, or under run.out_dir) cannot be created"),
     Row("missing test split", _missing_test_split, 1, "no complete test split", after=_no_run_folder),
     Row("missing cross_domain root", _missing_cross_domain, 1, "cross_domain.cub=",
         after=_no_run_folder),

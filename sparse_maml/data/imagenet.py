@@ -187,7 +187,7 @@ def read_mini_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
         bad = [i for i in rows if not 0 <= i < len(images)]
         if bad:
             raise DataError(f"pickle file {path}: class {name} lists row {bad[0]}, but image_data "
-                            f"has rows 0..{len(images) - 1} ({len(bad)} rows out of range)")
+                            f"has rows 0..{len(images) - 1} ({len(bad)} of its rows are out of range)")
     return images, class_dict
 
 
