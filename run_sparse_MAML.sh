@@ -19,8 +19,12 @@
 #   --out DIR        parent folder of the run folders (default: runs, or runs/debug with --debug)
 #   --list           print the row names and exit
 # Anything of the form key=value is passed to every run after the config (it wins over it).
-# A run whose folder already holds a test result is skipped, so the script can be restarted.
+# Started again after an interruption, the script skips every run whose folder holds its final
+# test result and continues each unfinished one from its newest checkpoint (run.resume=auto).
 # A failing run is reported and the others still run; the exit status is 1 if any failed.
+# SIGTERM or Ctrl-C stops the current run at its next checkpoint (train.py exits 3); the script
+# then reports it as stopped, starts no further run and exits with status 3.
+
 set -euo pipefail
 
 cd "$(dirname "$0")"
@@ -35,7 +39,8 @@ ROWS=(
   sparse_maml_plus_conv4_5shot sparse_maml_plus_conv4_1shot meta_sgd_conv4_5shot
 )
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+# The comment block at the top of this file, without its '#'.
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 die() { echo "run_sparse_MAML.sh: $*" >&2; exit 2; }
 
 dry_run=0 debug=0 seeds=0 sweep="" out=""
@@ -90,6 +95,17 @@ show() {
   echo "${s# }"
 }
 
+# Continue an unfinished run in its folder, unless the overrides say what to do with it.
+resume=("run.resume=auto")
+for o in ${overrides[@]+"${overrides[@]}"}; do
+  [[ $o == run.overwrite=* || $o == run.resume=* ]] && resume=()
+done
+
+# A signal to the script lets the current run stop at its checkpoint (train.py gets it too when
+# it is sent to the process group, as Ctrl-C and batch schedulers do); then no further run starts.
+stopping=0
+trap 'stopping=1' TERM INT
+
 failed=()
 for row in "${rows[@]}"; do
   for value in "${sweep_values[@]}"; do
@@ -105,22 +121,31 @@ for row in "${rows[@]}"; do
       fi
       dir=$out/$name
       cmd=("$PYTHON" train.py -c "configs/$row.yaml" ${debug_overrides[@]+"${debug_overrides[@]}"}
-           ${extra[@]+"${extra[@]}"} "run.name=$name" "run.dir=$dir"
+           ${extra[@]+"${extra[@]}"} "run.name=$name" "run.dir=$dir" ${resume[@]+"${resume[@]}"}
            ${overrides[@]+"${overrides[@]}"})
       if ((dry_run)); then
         show "${cmd[@]}"
         continue
       fi
-      if [[ -f $dir/metrics.jsonl ]] && grep -q '"kind": "test"' "$dir/metrics.jsonl"; then
+      # train.py's own test record (test.py's have step -1): the run is finished.
+      if [[ -f $dir/metrics.jsonl ]] && grep -q '"kind": "test", "step": [0-9]' "$dir/metrics.jsonl"; then
         echo "== $name: done already ($dir), skipped"
         continue
       fi
+      if ((stopping)); then
+        echo "== stopped before $name; start the script again to continue" >&2
+        exit 3
+      fi
       echo "== $name"
       show "${cmd[@]}"
-      if ! "${cmd[@]}"; then
-        echo "== $name FAILED" >&2
-        failed+=("$name")
-      fi
+      if "${cmd[@]}"; then status=0; else status=$?; fi
+      case $status in
+        0) ;;
+        3) echo "== $name stopped at a checkpoint; start the script again to continue it" >&2
+           exit 3 ;;
+        4) echo "== $name DIVERGED (see its message above)" >&2; failed+=("$name") ;;
+        *) echo "== $name FAILED" >&2; failed+=("$name") ;;
+      esac
     done
   done
 done

@@ -26,13 +26,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from sparse_maml import distributed
 from sparse_maml.checkpoint import CheckpointError
 from sparse_maml.config import Config, ConfigError, load_config, read_yaml
-from sparse_maml.data import DataError
+from sparse_maml.data import DataError, build_split, check_present, find_bad_images
 from sparse_maml.evaluation import test_checkpoint
 from sparse_maml.run_log import CONFIG, RunLog, holds_run
-from sparse_maml.runtime import mean_confidence_interval
+from sparse_maml.run_lock import RunLocked
+from sparse_maml.runtime import error_message, mean_confidence_interval
 from sparse_maml.training import (EXIT_DIVERGED, EXIT_STOPPED, StopSignal, TrainingDiverged,
                                   TrainingStopped, fit, open_run)
 
@@ -43,8 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its newest loadable checkpoint, with "
                              "RUN_DIR/config.yaml plus the overrides (model-changing ones are refused)")
+    parser.add_argument("--check-data", action="store_true",
+                        help="decode every image of every split the run reads, list the files that "
+                             "fail, and exit (1 if any failed) without training")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inner.steps=35")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options and overrides in any order
 
 
 def load_run_config(config_file: Optional[str], overrides: list[str],
@@ -97,6 +103,41 @@ def cross_domain_configs(config: Config, image_size: int) -> list[Config]:
     return configs
 
 
+def needed_data(config: Config) -> list[tuple[str, Config, str]]:
+    """(what, config, split) for every split the run will read: its own train and val (and test),
+    and the test split of each cross-domain root."""
+    needed = [(f"data.root={config.data.root}", config, s) for s in ("train", "val")]
+    if config.train.test_after_training:
+        needed.append((f"data.root={config.data.root}", config, "test"))
+        needed += [(f"cross_domain.{c.data.name}={c.data.root}", c, "test")
+                   for c in cross_domain_configs(config, config.data.image_size)]
+    return needed
+
+
+def check_data_present(config: Config) -> None:
+    """Fail at the start, not after hours of training: every split and root the run will read is
+    there (found in one of its layouts; no image is read)."""
+    for what, cfg, split in needed_data(config):
+        try:
+            check_present(cfg.data, split)
+        except DataError as err:
+            raise DataError(f"{what} (needed for the {split} split): {err}") from err
+
+
+def check_data(config: Config) -> int:
+    """--check-data: decode every image the run reads once; print the bad files; 0 if none."""
+    bad_total = 0
+    for what, cfg, split in needed_data(config):
+        data_split = build_split(cfg.data, split)
+        print(f"checking {data_split.describe()} ({what})", flush=True)
+        bad = find_bad_images(data_split)
+        for message in bad:
+            print(f"  bad: {message}")
+        bad_total += len(bad)
+    print(f"{bad_total} bad image(s)" if bad_total else "every image decodes")
+    return 1 if bad_total else 0
+
+
 def test_best(config: Config, run_dir: Path, exp, log: RunLog) -> None:
     """Test the best checkpoint on the run's own test split, then on each cross-domain dataset."""
     for test_config in [config, *cross_domain_configs(config, exp.learner.image_size)]:
@@ -130,6 +171,7 @@ def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
 
 def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
     """main() once the device (and process group) is set up."""
+    check_data_present(config)
     exp, run_dir, log = open_run(config, device, resume_dir)
     learner = exp.learner
     print(f"run folder: {run_dir}")
@@ -155,12 +197,18 @@ def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
     return run_dir
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: parse, run, and turn every expected failure into a message on stderr and
+    an exit status (0 done, 1 error, 3 stopped, 4 diverged); no traceback reaches the user."""
+    args = parse_args(argv)
     # Under torchrun these errors happen on every process alike: rank 0 reports them.
     lead = os.environ.get("RANK", "0") == "0"
     try:
         cfg, resume_from = load_run_config(args.config, args.overrides, args.resume)
+        if args.check_data:
+            return check_data(cfg)
+        if args.config is None and args.resume is None and not args.overrides and lead:
+            print("no -c CONFIG: running the built-in demo (synthetic glyphs)")
         main(cfg, resume_from)
     except TrainingStopped as stopped:
         if lead:
@@ -168,10 +216,18 @@ if __name__ == "__main__":
                         else "python train.py")
             print(f"{stopped}\nresume with: {launcher} --resume {stopped.checkpoint_path.parent}",
                   flush=True)
-        sys.exit(EXIT_STOPPED)
+        return EXIT_STOPPED
     except TrainingDiverged as err:
         if lead:
             print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_DIVERGED)
-    except (ConfigError, DataError, CheckpointError, FileExistsError) as err:
-        sys.exit(f"error: {err}" if lead else 1)
+        return EXIT_DIVERGED
+    except (ConfigError, DataError, CheckpointError, RunLocked, OSError, MemoryError,
+            torch.OutOfMemoryError) as err:
+        if lead:
+            print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -5,12 +5,15 @@ A run folder holds `checkpoint-<step>.pt` files (everything needed to continue t
 Every file is written to a temporary file in the same folder, fsynced and renamed over its name, so
 a crash mid-save leaves the previous file as it was and never a truncated file under a real name.
 Reading checks the zip container's CRC32 of every record, so a truncated or bit-flipped file raises
-CheckpointError naming the file instead of loading garbage.
+CheckpointError naming the file instead of loading garbage. Files are read with
+`torch.load(weights_only=True)`: a checkpoint holds tensors and plain Python values only, so a
+crafted file cannot run code when it is loaded (one holding anything else is refused).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 import zipfile
@@ -20,7 +23,8 @@ from typing import Any, Callable, Optional
 import torch
 
 BEST = "best.pt"  # best-validation weights (theta, phi, generator)
-FORMAT = 1  # version of the training-checkpoint layout written by training.save_checkpoint
+FORMAT = 2  # version of the training-checkpoint layout written by training.save_checkpoint
+# (2: RNG states as tensors and plain values, loadable with weights_only=True)
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
 
 
@@ -53,17 +57,30 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     A crash part-way leaves the previous file untouched, never a truncated one under its name.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}") from err
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({_first_line(err)}); the previous checkpoints are "
+            "intact. Free disk space (or raise the file-size limit) and resume the run") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -80,13 +97,24 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt: record {bad} fails its CRC check")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: not tensors and plain data
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain values (a file from an "
+            f"older version, or a crafted one); it was not loaded, so nothing in it ran "
+            f"({_refused_global(err)})") from err
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "
                               f"{err})") from err
     if not isinstance(state, dict) or "learner" not in state:
         raise CheckpointError(f"checkpoint {path} is not a sparse_maml checkpoint")
     return state
+
+
+def _refused_global(err: Exception) -> str:
+    """The 'Unsupported global: ...' clause of torch's weights_only error, without its advice."""
+    match = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(err))
+    return f"refused global {match.group(1)}" if match else "refused a global"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

@@ -156,7 +156,8 @@ class OuterConfig:
     instead of keeping them (memory of one step instead of `inner.steps`, about 1.5x the time)."""
     max_bad_steps: int = 10
     """Stop the run (after checkpointing the last good state) when this many consecutive meta-batches
-    have a non-finite outer loss or gradient; each such update is skipped and counted."""
+    have a non-finite outer loss, gradient or update; each such update is skipped (or rolled back)
+    and counted."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,10 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+# A number as a person writes it: 1e-3, 1E30, .5, -2, +0.25e+1 (YAML 1.1 turns some into strings).
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Check `value` against the annotation `tp` and convert it (lists to tuples, ints to floats)."""
     origin = typing.get_origin(tp)
@@ -246,6 +251,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 and 1e30 (no dot, no exponent sign) as text
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
                 raise ConfigError(f"{key}: must be finite, got {value!r}")
@@ -310,15 +317,24 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (an empty file gives {})."""
+    """Read a YAML config file into a dict; an empty file or one that is not UTF-8 is refused."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        try:
-            tree = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} is "
+                          f"{path.read_bytes()[err.start:err.start + 1]!r}); is it a YAML file?") from err
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from err
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if tree is None:
+        raise ConfigError(f"config file {path} is empty (no settings): it would run the built-in "
+                          "demo; write the settings in it, or leave out -c to run the demo")
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return tree

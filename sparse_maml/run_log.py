@@ -1,7 +1,8 @@
 """Run folders and what is written into them: config.yaml, metrics.jsonl and TensorBoard events.
 
 A folder that already holds a run is never written over unless asked: `run.overwrite=true` clears
-the files a run writes (and only those), `run.resume=auto` or `train.py --resume` continues it.
+the files the run wrote (listed, as it wrote them, in `.run-files`; nothing else is deleted),
+`run.resume=auto` or `train.py --resume` continues it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 # Files whose presence means a folder holds a run ("last.pt": the checkpoint of older versions).
 RUN_MARKERS = (CONFIG, METRICS, "best.pt", "last.pt", "checkpoint-*.pt")
-# Files a run writes into its folder; run.overwrite=true deletes these and nothing else.
-RUN_FILES = RUN_MARKERS + ("events.out.tfevents.*", ".*.tmp")
+# The names of the files a run wrote into its folder, one a line, each added before it is first
+# written: run.overwrite=true deletes these (and their temporaries) and nothing else.
+WRITTEN = ".run-files"
 
 # Keys that may differ between a run's config.yaml and the config it is resumed with: they leave
 # the saved model, optimizer state and episode stream valid. Every other change is refused.
@@ -43,8 +45,49 @@ def holds_run(path: Path) -> bool:
     return any(any(Path(path).glob(pattern)) for pattern in RUN_MARKERS)
 
 
+def written_files(run_dir: Path) -> list[str]:
+    """Names of the files the run in `run_dir` recorded as written by it (record_written)."""
+    path = Path(run_dir) / WRITTEN
+    return path.read_text().split() if path.is_file() else []
+
+
+def record_written(run_dir: Path, *names: str) -> None:
+    """Add `names` (files in run_dir this run is about to write) to the run's record."""
+    known = set(written_files(run_dir))
+    new = [n for n in names if n not in known]
+    if new:
+        with open(Path(run_dir) / WRITTEN, "a") as f:
+            f.write("".join(f"{n}\n" for n in new))
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporaries (`.<name>.*.tmp`) that killed saves of the run's own files left."""
+    run_dir = Path(run_dir)
+    stale = [p for name in written_files(run_dir) if "/" not in name
+             for p in run_dir.glob(f".{name}.*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def remove_written(run_dir: Path) -> list[Path]:
+    """Delete the files the run in `run_dir` recorded (with their temporaries) and the record."""
+    run_dir = Path(run_dir)
+    removed = []
+    for name in written_files(run_dir):
+        if "/" in name or name in ("", ".", ".."):  # a record names files of this folder only
+            continue
+        for path in [run_dir / name, *run_dir.glob(f".{name}.*.tmp")]:
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+    (run_dir / WRITTEN).unlink(missing_ok=True)
+    return removed
+
+
 def write_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML, atomically (temporary file, then rename)."""
+    record_written(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -55,17 +98,34 @@ def write_config(config: Config, path: Path) -> None:
         raise
 
 
+def make_folder(path: Path, exist_ok: bool) -> None:
+    """mkdir -p, with a message naming the path when it cannot be made (a file in the way, ...)."""
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        if exist_ok or not path.is_dir():
+            raise ConfigError(f"run folder {path} (run.dir, or under run.out_dir): a file of that "
+                              "name is in the way")
+        raise
+    except OSError as err:  # a file where a parent folder should be, no permission, ...
+        raise ConfigError(f"run folder {path} (run.dir, or under run.out_dir) cannot be created: "
+                          f"{err.strerror or err}") from err
+
+
 def run_dir_path(config: Config) -> Path:
-    """run.dir, or a new <out_dir>/<name>-<timestamp> folder."""
+    """run.dir, or a new <out_dir>/<name>-<timestamp>[-<k>] folder, created here so that two runs
+    started in the same second never get the same one (mkdir either makes it or fails)."""
     if config.run.dir:
         return Path(config.run.dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(config.run.out_dir) / f"{config.run.name}-{stamp}"
-    suffix = 1
-    while path.exists():  # two runs started in the same second
-        path = Path(config.run.out_dir) / f"{config.run.name}-{stamp}-{suffix}"
-        suffix += 1
-    return path
+    for suffix in range(10_000):
+        path = Path(config.run.out_dir) / f"{config.run.name}-{stamp}{f'-{suffix}' if suffix else ''}"
+        try:
+            make_folder(path, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"run.out_dir={config.run.out_dir}: no free folder name for {config.run.name}")
 
 
 def _refuse_used(path: Path, config: Config) -> None:
@@ -78,7 +138,7 @@ def _refuse_used(path: Path, config: Config) -> None:
 
 def new_run_dir(config: Config) -> Path:
     """The folder a new run will use; refuses (FileExistsError) one that holds a run unless
-    run.overwrite is set. Creates nothing."""
+    run.overwrite is set. Creates only a new time-stamped folder (empty)."""
     path = run_dir_path(config)
     _refuse_used(path, config)
     return path
@@ -87,16 +147,19 @@ def new_run_dir(config: Config) -> Path:
 def make_run_dir(config: Config, path: Optional[Path] = None) -> Path:
     """Create the folder of a new run (`path`, default new_run_dir) and write its config.yaml.
 
-    With run.overwrite, the files an earlier run wrote there are deleted first (and only those).
+    With run.overwrite, the files an earlier run recorded as written there are deleted first (and
+    only those); a folder holding a run without that record is refused.
     """
     path = path or new_run_dir(config)
+    make_folder(path, exist_ok=True)
     if holds_run(path):
         _refuse_used(path, config)
-        for pattern in RUN_FILES:
-            for old in path.glob(pattern):
-                if old.is_file():
-                    old.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+        if not (path / WRITTEN).is_file():
+            raise FileExistsError(
+                f"run.overwrite=true: {path} holds a run with no record of the files it wrote "
+                f"({WRITTEN}; written by an older version), so nothing there is deleted; delete "
+                "the run's files yourself or choose another run.dir")
+        remove_written(path)
     write_config(config, path / CONFIG)
     return path
 
@@ -124,25 +187,67 @@ def check_resumable(old: Config, new: Config, run_dir: Path) -> dict[str, tuple[
     return changes
 
 
+def is_kept_on_resume(record: dict[str, Any]) -> bool:
+    """Records a resume never cuts: test.py's evaluations (kind test, step -1), which the resumed
+    run does not replay."""
+    return record.get("kind") == "test" and record.get("step") == -1
+
+
 class RunLog:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
 
     When a run is resumed, `truncate_to` cuts metrics.jsonl back to the bytes its checkpoint had
     seen and `purge_step` hides TensorBoard events from that step on, so records written after the
-    checkpoint (and replayed by the resumed run) appear once.
+    checkpoint (and replayed by the resumed run) appear once. test.py's records after that point
+    are kept (written back after the cut); `kept` and `dropped` list what was kept and cut.
+    `lock` (a RunLock) is released by close(). `record=False` (test.py appending to a run it did
+    not write) leaves the run's record of its files alone.
     """
 
     def __init__(self, run_dir: Path, tensorboard: bool, truncate_to: Optional[int] = None,
-                 purge_step: Optional[int] = None):
+                 purge_step: Optional[int] = None, lock: Any = None, record: bool = True):
         self.path = Path(run_dir) / METRICS
+        self.lock = lock
+        self.kept: list[dict[str, Any]] = []
+        self.dropped: list[dict[str, Any]] = []
+        if record:
+            record_written(Path(run_dir), METRICS)
         if truncate_to is not None and self.path.is_file() and self.path.stat().st_size > truncate_to:
-            with open(self.path, "r+b") as f:
-                f.truncate(truncate_to)
+            self._cut(truncate_to)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            before = set(Path(run_dir).glob("events.out.tfevents.*"))
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+            self.writer.flush()
+            record_written(Path(run_dir), *sorted(p.name for p in
+                                                   set(Path(run_dir).glob("events.out.tfevents.*")) - before))
+
+    def _cut(self, size: int) -> None:
+        """Truncate metrics.jsonl to `size` bytes, then append back test.py's records after it."""
+        with open(self.path, "rb") as f:
+            f.seek(size)
+            tail = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        kept_lines = []
+        for line in tail:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut by a crash: nothing to keep
+                continue
+            if not isinstance(record, dict):
+                continue
+            if is_kept_on_resume(record):
+                self.kept.append(record)
+                kept_lines.append(line if line.endswith("\n") else line + "\n")
+            else:
+                self.dropped.append(record)
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
+            f.seek(size)
+            f.write("".join(kept_lines).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
 
     def size(self) -> int:
         """Bytes written to metrics.jsonl so far (saved in checkpoints)."""
@@ -167,9 +272,11 @@ class RunLog:
             self.writer.flush()
 
     def close(self) -> None:
-        """Flush TensorBoard."""
+        """Flush TensorBoard and release the run folder's lock."""
         if self.writer is not None:
             self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 class NullRunLog(RunLog):
@@ -177,6 +284,8 @@ class NullRunLog(RunLog):
 
     def __init__(self) -> None:
         self.writer = None
+        self.lock = None
+        self.kept, self.dropped = [], []
 
     def size(self) -> int:
         return 0

@@ -4,19 +4,39 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available else cpu; cuda[:i] must exist."""
+    """auto -> cuda if available else cpu; cuda[:i] must exist (else ConfigError)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name} but CUDA is not available; use run.device=cpu")
+        raise ConfigError(f"run.device={name} but CUDA is not available on this machine; use "
+                          "run.device=cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={name} but this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s)")
     return device
+
+
+def error_message(err: BaseException) -> str:
+    """What an entry point prints for an error: the message alone. An error raised in a DataLoader
+    worker comes back with the worker's traceback in its message; only its last line is kept."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        match = re.match(r"[\w.]+: (.*)", last)
+        text = f"{match.group(1) if match else last} (in a DataLoader worker)"
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return text
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -14,6 +14,7 @@ across processes, and only rank 0 writes checkpoints and best.pt.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import random
@@ -30,12 +31,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint, compiled, distributed
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, load_config, to_dict
 from .data import EpisodeDataset, build_episodes, build_split, episode_loader, stack_tasks
 from .evaluation import EVAL_SEED, evaluate
 from .meta_learner import MetaLearner, build_meta_learner
-from .run_log import (CONFIG, NullRunLog, RunLog, check_existing_run, make_run_dir, new_run_dir,
-                      write_config)
+from .run_log import (CONFIG, WRITTEN, NullRunLog, RunLog, check_existing_run, check_resumable,
+                      make_folder, make_run_dir, new_run_dir, record_written,
+                      remove_stale_temporaries, write_config)
+from .run_lock import RunLock
 from .runtime import mean_confidence_interval, resolve_device, seed_everything
 
 # Exit statuses of train.py besides 0 (done) and 1 (error); Python itself uses 1 and 2.
@@ -137,6 +140,39 @@ class Experiment:
     # RNG states from a checkpoint, applied by fit() once its episode loader exists (creating a
     # DataLoader iterator draws from torch's generator, which the uninterrupted run did earlier).
     pending_rng: Optional[dict] = None
+    # The weights and optimizer states of the last meta-batch whose outer loss was finite: what the
+    # NaN guard rolls back to (see fit). None until one such meta-batch in this process.
+    last_good: Optional[dict] = None
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device` (the machine's RAM for the CPU; 0 if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(config: Config, channels: int, image_size: int, device: torch.device) -> None:
+    """Refuse (ConfigError) an image size whose meta-batch cannot fit in the device's memory.
+
+    The estimate is a lower bound: the float32 images of the larger of a meta-batch and an
+    evaluation batch, and the first block's two activation maps (convolution and batch norm),
+    each kept once; a real step needs several times more, so only a hopeless size is refused.
+    """
+    d = config.data
+    per_task = d.num_ways * (d.num_shots + d.num_query)
+    tasks = max(config.outer.meta_batch_size, config.train.eval_batch_size)
+    needed = tasks * per_task * (channels + 2 * config.model.widths[0]) * image_size ** 2 * 4
+    available = device_memory(device)
+    if available and needed > available:
+        raise ConfigError(
+            f"data.image_size={image_size}: {tasks} tasks of {per_task} images need at least "
+            f"{needed / 2**30:,.1f} GiB for the images and first-layer activations alone, more than "
+            f"the {available / 2**30:,.1f} GiB of {device}; lower data.image_size, "
+            "outer.meta_batch_size or train.eval_batch_size")
 
 
 def build_experiment(config: Config, device: Optional[torch.device] = None) -> Experiment:
@@ -147,6 +183,7 @@ def build_experiment(config: Config, device: Optional[torch.device] = None) -> E
     train_split = build_split(config.data, "train")
     val_split = build_split(config.data, "val")
     image_size = config.data.image_size or train_split.native_size
+    check_memory(config, train_split.channels, image_size, device)
     learner = build_meta_learner(config, train_split.channels, image_size).to(device)
     outer = config.outer
     theta_opt = make_optimizer(outer.optimizer, learner.theta_parameters(), outer.lr, outer.momentum)
@@ -186,8 +223,7 @@ def outer_step(exp: Experiment, batch) -> tuple[float, float, bool]:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         return loss.item(), accuracies.mean().item(), False
-    _apply_update(exp, optimizers)
-    return loss.item(), accuracies.mean().item(), True
+    return loss.item(), accuracies.mean().item(), _apply_update(exp, optimizers)
 
 
 def _outer_step_shared(exp: Experiment, batch) -> tuple[float, float, bool]:
@@ -217,20 +253,77 @@ def _outer_step_shared(exp: Experiment, batch) -> tuple[float, float, bool]:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         return global_loss, global_acc, False
-    _apply_update(exp, optimizers)
-    return global_loss, global_acc, True
+    return global_loss, global_acc, _apply_update(exp, optimizers)
 
 
-def _apply_update(exp: Experiment, optimizers: list[torch.optim.Optimizer]) -> None:
-    """Clamp theta's gradients if configured, then step the optimizers."""
+def snapshot(exp: Experiment) -> dict:
+    """Copies of the learner's state and of the optimizer states, for rolling an update back."""
+    return {"learner": {k: v.detach().clone() for k, v in exp.learner.state_dict().items()},
+            "optimizers": [copy.deepcopy(o.state_dict()) for o in _optimizers(exp)]}
+
+
+def roll_back(exp: Experiment, saved: dict) -> None:
+    """Put back the weights and optimizer states of a snapshot()."""
+    exp.learner.load_state_dict(saved["learner"])
+    for opt, state in zip(_optimizers(exp), saved["optimizers"]):
+        opt.load_state_dict(copy.deepcopy(state))
+
+
+def state_is_finite(exp: Experiment) -> bool:
+    """Whether every weight, buffer and optimizer-state tensor is finite (all processes agree)."""
+    tensors = list(exp.learner.state_dict().values())
+    for opt in _optimizers(exp):
+        for per_param in opt.state.values():
+            tensors += [v for v in per_param.values() if torch.is_tensor(v)]
+    checks = [t.isfinite().all() for t in tensors if t.is_floating_point()]
+    finite = not checks or bool(torch.stack(checks).all())  # one device sync, not one per tensor
+    return not distributed.any_process(not finite)
+
+
+def _optimizers(exp: Experiment) -> list[torch.optim.Optimizer]:
+    return [o for o in (exp.theta_optimizer, exp.mask_optimizer) if o is not None]
+
+
+def guarded_step(exp: Experiment, batch) -> tuple[float, float, bool]:
+    """outer_step, then undo an update that left a weight or an optimizer state non-finite.
+
+    A finite loss marks the weights it was computed with as good (exp.last_good). An update can
+    still overflow (outer.lr=1e300 gives inf weights) or give finite but huge weights (1e30) whose
+    next loss is not finite; the first is rolled back here at once, the second by fit() when the
+    NaN guard stops the run, so the stop checkpoint never holds weights that gave no finite loss.
+    """
+    before = snapshot(exp)
+    loss, acc, applied = outer_step(exp, batch)
+    if not applied:
+        roll_back(exp, before)  # an overflowing optimizer step may have changed some tensors
+        return loss, acc, False
+    if not state_is_finite(exp):
+        roll_back(exp, before)
+        return loss, acc, False
+    exp.last_good = before  # these weights gave a finite loss and a finite update
+    return loss, acc, True
+
+
+def _apply_update(exp: Experiment, optimizers: list[torch.optim.Optimizer]) -> bool:
+    """Clamp theta's gradients if configured, then step the optimizers; False if a step overflowed
+    (torch refuses a learning rate beyond float32's range, e.g. outer.lr=1e300, part way through
+    the update: the caller rolls it back)."""
     learner, config = exp.learner, exp.config
     if config.outer.grad_clamp is not None:  # theta only, as in the reference
         c = config.outer.grad_clamp
         for p in learner.theta_parameters():
             if p.grad is not None:
                 p.grad.clamp_(-c, c)
-    for opt in optimizers:
-        opt.step()
+    try:
+        for opt in optimizers:
+            opt.step()
+    except RuntimeError as err:
+        if "overflow" not in str(err):
+            raise
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return False
+    return True
 
 
 def train_batches(exp: Experiment, first_step: int, num_steps: int) -> Iterable:
@@ -256,16 +349,24 @@ def train_batches(exp: Experiment, first_step: int, num_steps: int) -> Iterable:
 
 
 def rng_states() -> dict:
-    """Python, NumPy and torch (CPU, CUDA) random states."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Python, NumPy and torch (CPU, CUDA) random states, as tensors and plain values (so that a
+    checkpoint loads with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states: dict) -> None:
     """Restore what rng_states() returned (CUDA states only where the same devices exist)."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(states["torch"].cpu())
     cuda = states.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -281,6 +382,7 @@ def save_checkpoint(exp: Experiment, run_dir: Path, log: RunLog) -> Path:
     if not distributed.is_main_process():  # every process holds the same state; rank 0 writes it
         return path
     log.flush()
+    record_written(Path(run_dir), path.name)
     checkpoint.save_atomic({
         "format": checkpoint.FORMAT,
         "learner": exp.learner.state_dict(),
@@ -340,6 +442,7 @@ def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, b
     if is_best:
         state.best_val_accuracy, state.best_val_ci, state.best_epoch = mean, ci, epoch
     if is_best and distributed.is_main_process():
+        record_written(run_dir, checkpoint.BEST)
         checkpoint.save_atomic({"learner": learner.state_dict(), "epoch": epoch, "step": state.step,
                                 "val_accuracy": mean, "val_ci": ci}, run_dir / checkpoint.BEST)
     log.log("val", state.step, epoch=epoch, accuracy=mean, ci95=ci, best=is_best,
@@ -353,21 +456,64 @@ def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, b
 def open_run(config: Config, device: torch.device, resume_dir: Optional[Path] = None,
              report: Report = print) -> tuple[Experiment, Path, RunLog | NullRunLog]:
     """The experiment, its run folder and its log: a new run, or the run in `resume_dir` restored
-    from its newest loadable checkpoint. Only rank 0 writes; every process builds the same state."""
+    from its newest loadable checkpoint. Only rank 0 writes, holding the folder's lock (released by
+    the log's close()); every process builds the same state."""
     main_process = distributed.is_main_process()
     if resume_dir is None:
         run_dir = distributed.on_main(new_run_dir, config)  # rank 0 picks the time-stamped name
-        exp = build_experiment(config, device)  # data errors surface before the folder is written
-        distributed.on_main(make_run_dir, config, run_dir)
-        return exp, run_dir, RunLog(run_dir, config.run.tensorboard) if main_process else NullRunLog()
+        try:
+            exp = build_experiment(config, device)  # data errors surface before the folder is written
+        except BaseException:
+            if main_process and not config.run.dir:
+                _remove_if_empty(run_dir)
+            raise
+        lock = None
+        if main_process:
+            make_folder(run_dir, exist_ok=True)
+            lock = RunLock(run_dir, report).acquire()
+        try:
+            distributed.on_main(make_run_dir, config, run_dir)  # refuses a used folder, under the lock
+            return exp, run_dir, (RunLog(run_dir, config.run.tensorboard, lock=lock)
+                                  if main_process else NullRunLog())
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
 
-    changes = check_existing_run(config, resume_dir)  # before any file is touched
-    exp = build_experiment(config, device)
-    if main_process:
-        checkpoint.remove_stale_temporaries(resume_dir)
+    check_existing_run(config, resume_dir)  # a clear message for a folder that holds no run
+    lock = RunLock(resume_dir, report).acquire() if main_process else None
+    try:
+        return _open_existing(config, device, resume_dir, lock, report)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a run folder made for a run that failed before writing anything."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _open_existing(config: Config, device: torch.device, resume_dir: Path, lock: Optional[RunLock],
+                   report: Report) -> tuple[Experiment, Path, RunLog | NullRunLog]:
+    """open_run for a run folder that already holds the run, its lock taken."""
+    main_process = distributed.is_main_process()
+    changes = check_existing_run(config, resume_dir)  # again, under the lock; nothing touched yet
+    if main_process:  # only temporaries of files the run recorded (a record-less older run: *.pt)
+        if (resume_dir / WRITTEN).is_file():
+            remove_stale_temporaries(resume_dir)
+        else:
+            checkpoint.remove_stale_temporaries(resume_dir)
     found = checkpoint.load_latest(resume_dir)  # every process reads the same checkpoint
     if found is not None:
         path, saved = found
+        _check_against_checkpoint(config, saved, path)
+    exp = build_experiment(config, device)
+    if found is not None:
         restore_checkpoint(exp, saved, path)
     distributed.barrier()  # all have read the checkpoints before rank 0 writes anything
     if main_process:  # only once the checkpoint fits the new config
@@ -375,15 +521,40 @@ def open_run(config: Config, device: torch.device, resume_dir: Optional[Path] = 
     for key, (old, new) in changes.items():
         if key != "run.dir":
             report(f"resume: {key}: {old!r} -> {new!r}")
+    if not main_process:
+        return exp, resume_dir, NullRunLog()
     if found is None:
         report(f"{resume_dir} holds no checkpoint yet: starting it from the beginning")
-        log = RunLog(resume_dir, config.run.tensorboard, truncate_to=0, purge_step=0)
+        log = RunLog(resume_dir, config.run.tensorboard, truncate_to=0, purge_step=0, lock=lock)
     else:
         report(f"resuming {resume_dir} from {path.name}: {exp.state.epoch} epochs and "
                f"{exp.state.step} meta-batches done")
         log = RunLog(resume_dir, config.run.tensorboard, truncate_to=saved["metrics_bytes"],
-                     purge_step=exp.state.step + 1)
-    return exp, resume_dir, log if main_process else NullRunLog()
+                     purge_step=exp.state.step + 1, lock=lock)
+    if log.dropped:
+        kinds = sorted({str(r.get("kind")) for r in log.dropped})
+        report(f"resume: dropped {len(log.dropped)} records of metrics.jsonl written after the "
+               f"checkpoint ({', '.join(kinds)}); the resumed run writes them again")
+    if log.kept:
+        report(f"resume: kept {len(log.kept)} test.py records written after the checkpoint")
+    return exp, resume_dir, log
+
+
+def _check_against_checkpoint(config: Config, saved: dict, path: Path) -> None:
+    """Refuse a config that differs from the one the checkpoint was trained with (config.yaml
+    may have been edited by hand since) in keys a resume may not change."""
+    if not isinstance(saved.get("config"), dict):
+        return  # checkpoints of older versions do not hold their config
+    try:
+        used = load_config(None, (), base=saved["config"])
+    except ConfigError as err:
+        raise checkpoint.CheckpointError(f"checkpoint {path} holds a config this version cannot "
+                                         f"read: {err}") from err
+    try:
+        check_resumable(used, config, path.parent)
+    except ConfigError as err:
+        raise ConfigError(f"{err}\n(compared with the config stored in {path}, which is what the run "
+                          f"used: was {CONFIG} edited by hand?)") from err
 
 
 def report_compilation(learner: MetaLearner, bar: tqdm) -> None:
@@ -433,7 +604,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
             set_rng_states(exp.pending_rng)
             exp.pending_rng = None
         for batch in batches:
-            loss, acc, applied = outer_step(exp, batch.to(exp.device, non_blocking=True))
+            loss, acc, applied = guarded_step(exp, batch.to(exp.device, non_blocking=True))
             report_compilation(learner, bar)
             state.step += 1
             bar.update(1)
@@ -446,16 +617,18 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
                 state.bad_streak += 1
                 state.skipped_steps += 1
                 state.epoch_skipped += 1
-                bar.write(f"step {state.step}: non-finite outer loss ({loss}) or gradient; "
-                          f"update skipped ({state.bad_streak} in a row)")
+                bar.write(f"step {state.step}: non-finite outer loss ({loss}), gradient, weight "
+                          f"or optimizer state; update skipped ({state.bad_streak} in a row)")
                 if state.bad_streak >= config.outer.max_bad_steps:
                     log.log("diverged", state.step, epoch=epoch, bad_streak=state.bad_streak,
                             skipped_steps=state.skipped_steps)
+                    if exp.last_good is not None:  # the weights that last gave a finite loss
+                        roll_back(exp, exp.last_good)
                     path = save()
                     bar.close()
                     raise TrainingDiverged(
                         f"stopped: {state.bad_streak} consecutive meta-batches (up to step "
-                        f"{state.step}) had a non-finite outer loss or gradient "
+                        f"{state.step}) had a non-finite outer loss, gradient or update "
                         f"(outer.max_bad_steps={config.outer.max_bad_steps}); the weights in {path} "
                         "are the last good ones. Lower outer.lr, outer.mask_lr or inner.step_size, "
                         "or set outer.grad_clamp.", path)
@@ -495,6 +668,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         exp.pending_rng = None
     if state.best_epoch == 0 and distributed.is_main_process():
         # val_from_epoch beyond the last epoch: keep the final weights
+        record_written(run_dir, checkpoint.BEST)
         checkpoint.save_atomic({"learner": learner.state_dict(), "epoch": state.epoch,
                                 "step": state.step, "val_accuracy": float("nan"),
                                 "val_ci": float("nan")}, run_dir / checkpoint.BEST)

@@ -20,7 +20,7 @@ from sparse_maml import checkpoint
 from sparse_maml.config import ConfigError, load_config
 from sparse_maml.run_log import RunLog, make_run_dir, read_metrics
 from sparse_maml.training import (EXIT_DIVERGED, EXIT_STOPPED, TrainingDiverged, TrainingStopped,
-                                  build_experiment, fit)
+                                  build_experiment, fit, snapshot)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.widths=[4,4,4,4]", "data.num_ways=2", "data.num_shots=1", "data.num_query=1",
@@ -160,7 +160,11 @@ def test_injected_nan_is_skipped_counted_then_stops_the_run(tmp_path, monkeypatc
     forward = type(exp.learner).forward
     bad_steps = {2, 3} | set(range(6, 100))  # 1-based meta-batches whose loss becomes NaN
 
+    before_5 = {}
+
     def poisoned(self, batch, steps, track_outer=True):
+        if track_outer and exp.state.step == 4:
+            before_5.update(snapshot(exp))
         loss, losses, accs = forward(self, batch, steps, track_outer)
         if track_outer and exp.state.step + 1 in bad_steps:
             loss = loss * float("nan")
@@ -179,11 +183,14 @@ def test_injected_nan_is_skipped_counted_then_stops_the_run(tmp_path, monkeypatc
     assert exp.state.skipped_steps == 5 and exp.state.bad_streak == 3
     saved = checkpoint.load(err.value.checkpoint_path)
     assert saved["state"]["step"] == 8
-    # Steps 6..8 changed nothing: the stop checkpoint holds the state after step 5.
+    # Steps 6..8 had no finite loss, so the weights step 5 produced are not known to be good: the
+    # stop checkpoint holds the state step 5 started from, the last that gave a finite loss.
+    assert all(torch.equal(v, saved["learner"][k]) for k, v in before_5["learner"].items())
+    assert [str(o["state"]) for o in before_5["optimizers"]] == [
+        str(saved["theta_optimizer"]["state"]), str(saved["mask_optimizer"]["state"])]
     after_5 = checkpoint.load(run_dir / checkpoint.checkpoint_name(5))
-    for key in ("learner", "theta_optimizer", "mask_optimizer"):
-        assert str(after_5[key]) == str(saved[key]), key
-    assert "non-finite outer loss (nan) or gradient; update skipped (3 in a row)" in capsys.readouterr().out
+    assert not all(torch.equal(v, saved["learner"][k]) for k, v in after_5["learner"].items())
+    assert "non-finite outer loss (nan), gradient, weight or optimizer state; update skipped (3 in a row)" in capsys.readouterr().out
 
 
 def test_nan_guard_exit_status_through_train_py(tmp_path):

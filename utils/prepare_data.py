@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     record = json.loads(Path(marker).read_text())
+    if record.get("found"):
+        print(f"{args.dataset}: {record['found']}")
     for archive in record["archives"]:
         pinned = "verified" if archive["pinned"] else "not pinned; recorded"
         print(f"{archive['file']}: md5 {archive['md5']} ({pinned})")

@@ -17,7 +17,7 @@ from .base import DataError, FewShotSplit, Task
 from .episodes import (DeviceEpisodeDataset, EpisodeDataset, EpisodePlan, check_episode_sizes,
                        episode_loader, stack_tasks, task_seed)
 from .imagenet import MINI_LAYOUTS, TIERED_LAYOUTS
-from .layouts import Layout, resolve
+from .layouts import Layout, locate, resolve
 from .photos import CARS_LAYOUTS, CUB_LAYOUTS, omniglot_layouts
 from .synthetic import SyntheticGlyphs
 from .transforms import EpisodeTransform
@@ -64,6 +64,31 @@ def build_split(data, split: str) -> FewShotSplit:
     return open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
 
 
+def check_present(data, split: str) -> None:
+    """Raise DataError (naming the root and the layouts) unless `split` of the dataset a DataConfig
+    names is on disk; reads no image. A dataset still to be downloaded (data.download) passes."""
+    if data.name == "synthetic" or data.download:
+        return
+    locate(data.name, Path(data.root), split, dataset_layouts(data.name, data.omniglot_rotations),
+           data.layout)
+
+
+def find_bad_images(split: FewShotSplit, report=None) -> list[str]:
+    """Decode every image of `split` once; the messages (each naming the file) of those that fail.
+    `report(done, total)` is called after each class."""
+    bad = []
+    total = split.num_classes
+    for label in range(total):
+        for index in range(split.class_size(label)):
+            try:
+                split.load(label, index)
+            except DataError as err:
+                bad.append(str(err))
+        if report is not None:
+            report(label + 1, total)
+    return bad
+
+
 def default_device() -> torch.device:
     """The accelerator if there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,5 +111,5 @@ def build_episodes(data, split: FewShotSplit, seed: int, augment: bool,
 
 __all__ = ["DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan", "EpisodeTransform",
            "FewShotSplit", "SPLITS", "SyntheticGlyphs", "Task", "build_episodes", "build_split",
-           "check_episode_sizes", "dataset_layouts", "default_device", "episode_loader",
-           "open_split", "stack_tasks", "task_seed"]
+           "check_episode_sizes", "check_present", "dataset_layouts", "default_device",
+           "episode_loader", "find_bad_images", "open_split", "stack_tasks", "task_seed"]

@@ -118,6 +118,12 @@ def decode_image(data: bytes | str | Path, channels: int, where: str,
     return to_chw(array, channels)
 
 
+def visible_entries(folder: Path) -> list[Path]:
+    """The entries of `folder` a person sees: hidden ones (.ipynb_checkpoints, ._x.jpg, .DS_Store)
+    are tool droppings, never classes or images."""
+    return [p for p in Path(folder).iterdir() if not p.name.startswith(".")]
+
+
 class NamedClassSplit(FewShotSplit):
     """A split whose classes have names (WordNet ids, folder names); the common constructor."""
 

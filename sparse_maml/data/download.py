@@ -48,6 +48,7 @@ class Archive:
     urls: tuple[str, ...] = ()
     md5: Optional[str] = None
     sha256: Optional[str] = None
+    manual: str = ""  # where to get a file that cannot be downloaded (then urls is empty)
 
 
 # Checksums are pinned only where they are published and known; for the others the computed
@@ -65,9 +66,11 @@ ARCHIVES: dict[str, list[Archive]] = {
         "CUB_200_2011.tgz",
         ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",),
         md5="97eceeb196236b17998738112f37df78")],
-    "cars": [  # Stanford's URLs answer 404 nowadays: use --from-archive with your own copies
-        Archive("car_ims.tgz", ("http://ai.stanford.edu/~jkrause/car196/car_ims.tgz",)),
-        Archive("cars_annos.mat", ("http://ai.stanford.edu/~jkrause/car196/cars_annos.mat",))],
+    # Stanford's links (ai.stanford.edu/~jkrause/car196/) are gone: --from-archive only.
+    "cars": [Archive(name, manual=f"Stanford Cars has no download link any more (the Stanford URL "
+                                  f"answers 404): get {name} from a copy you trust and pass "
+                                  "--from-archive PATH (see docs/datasets.md)")
+             for name in ("car_ims.tgz", "cars_annos.mat")],
     "omniglot": [
         Archive("images_background.zip",
                 ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
@@ -151,6 +154,8 @@ def fetch_url(url: str, dest: Path, timeout: float = 30.0, progress: bool = True
 def download(archive: Archive, folder: Path, retries: int = 4, backoff: float = 2.0,
              progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> Path:
     """Fetch `archive` into `folder` from its mirrors, resuming and retrying; verify its checksum."""
+    if not archive.urls and archive.manual:
+        raise DataError(archive.manual)
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / archive.filename
     if dest.exists():
@@ -302,6 +307,18 @@ def _collect(archives: list[Archive], local: dict[str, Path], from_archive: Sequ
                        "pinned": bool(archive.md5 or archive.sha256), **digests})
 
 
+def _opens(root: Path, open_split: Callable[[Path, str], FewShotSplit]) -> bool:
+    """Whether all three splits already open from `root` (a dataset extracted there by hand)."""
+    if not root.is_dir():
+        return False
+    try:
+        for split in ("train", "val", "test"):
+            open_split(root, split)
+    except DataError:
+        return False
+    return True
+
+
 def prepare(dataset: str, root: str | Path, from_archive: Sequence[str | Path] = (),
             open_split: Optional[Callable[[Path, str], FewShotSplit]] = None,
             progress: bool = True, retries: int = 4, backoff: float = 2.0) -> Path:
@@ -321,6 +338,12 @@ def prepare(dataset: str, root: str | Path, from_archive: Sequence[str | Path] =
     root = Path(root)
     marker = marker_path(root, dataset)
     if marker.exists():
+        return marker
+    if not from_archive and _opens(root, open_split):  # extracted there by hand: nothing to fetch
+        tmp_marker = marker.with_name(marker.name + ".tmp")
+        tmp_marker.write_text(json.dumps({"dataset": dataset, "archives": [],
+                                          "found": "already in root, not downloaded"}, indent=1))
+        os.replace(tmp_marker, marker)
         return marker
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .base import ArraySplit, DataError, EncodedSplit, FewShotSplit, Hdf5Split, ImageFileSplit
+from .base import (ArraySplit, DataError, EncodedSplit, FewShotSplit, Hdf5Split, ImageFileSplit,
+                   visible_entries)
 from .layouts import Layout
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -126,16 +127,42 @@ def _text(key: Any) -> str:
     return key.decode() if isinstance(key, bytes) else str(key)
 
 
+# The only globals the dataset pickles need: NumPy's array and scalar reconstructors (under their
+# NumPy 1 and NumPy 2 module names; _frombuffer for protocol 5) and the bytes encoder of protocol-2 pickles. Anything else (a
+# function a crafted file asks to call) is refused before it is looked up, so it never runs.
+SAFE_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+})
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Admits dicts, lists, tuples, strings, bytes, numbers and NumPy arrays; nothing callable."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in SAFE_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a dataset pickle "
+                                         "never holds (only dicts, lists, strings, bytes and NumPy "
+                                         "arrays are read); nothing in it was run")
+        return super().find_class(module, name)
+
+
 def load_pickle(path: Path) -> Any:
-    """Unpickle a dataset file; Python 2 pickles are read with latin1 for NumPy arrays."""
+    """Unpickle a dataset file with a restricted unpickler (see SAFE_PICKLE_GLOBALS); Python 2
+    pickles are read with latin1 for NumPy arrays."""
     try:
         with open(path, "rb") as f:
             try:
-                return pickle.load(f)
+                return _DataUnpickler(f).load()
             except UnicodeDecodeError:
                 f.seek(0)
-                return pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
+                return _DataUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise DataError(f"pickle file {path} was refused: {err}") from err
+    except (EOFError, ValueError, AttributeError, ImportError, TypeError) as err:
         raise DataError(f"pickle file {path} is corrupt or truncated ({err})") from err
 
 
@@ -151,7 +178,16 @@ def read_mini_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
     if images.dtype != np.uint8 or images.ndim != 4:
         raise DataError(f"pickle file {path}: image_data is {images.dtype} {images.shape}, "
                         "expected uint8 (N, H, W, C)")
-    class_dict = {_text(k): [int(i) for i in v] for k, v in content["class_dict"].items()}
+    try:
+        class_dict = {_text(k): [int(i) for i in v] for k, v in content["class_dict"].items()}
+    except (AttributeError, TypeError, ValueError) as err:
+        raise DataError(f"pickle file {path}: class_dict is not a mapping of class -> row numbers "
+                        f"({err})") from err
+    for name, rows in class_dict.items():
+        bad = [i for i in rows if not 0 <= i < len(images)]
+        if bad:
+            raise DataError(f"pickle file {path}: class {name} lists row {bad[0]}, but image_data "
+                            f"has rows 0..{len(images) - 1} ({len(bad)} of its rows are out of range)")
     return images, class_dict
 
 
@@ -194,15 +230,15 @@ def open_csv(root: Path, split: str, path: Path) -> FewShotSplit:
 def _split_folder(root: Path, split: str) -> Optional[Path]:
     for alias in SPLIT_ALIASES[split]:
         folder = root / alias
-        if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()):
+        if folder.is_dir() and any(p.is_dir() for p in visible_entries(folder)):
             return folder
     return None
 
 
 def read_image_folder(folder: Path) -> tuple[list[str], list[list[Path]]]:
     """Classes (sorted sub-folder names) and their image files (sorted) of `split/class/*.jpg`."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    files = [sorted(p for p in (folder / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    classes = sorted(p.name for p in visible_entries(folder) if p.is_dir())
+    files = [sorted(p for p in visible_entries(folder / c) if p.suffix.lower() in IMAGE_SUFFIXES)
              for c in classes]
     return classes, files
 
@@ -248,6 +284,9 @@ def read_tiered_pickles(files: tuple[Path, Path]) -> tuple[list[str], list[list[
     if "label_specific" not in labels:
         raise DataError(f"pickle file {labels_path} lacks label_specific (keys: {sorted(labels)})")
     specific = np.asarray(labels["label_specific"]).astype(np.int64).reshape(-1)
+    if len(specific) and specific.min() < 0:
+        raise DataError(f"pickle file {labels_path}: label_specific holds the negative class "
+                        f"{int(specific.min())}")
     if len(specific) != len(images):
         raise DataError(f"{labels_path} labels {len(specific)} images but {images_path} holds "
                         f"{len(images)}")

@@ -46,6 +46,14 @@ def missing_message(dataset: str, root: Path, split: str, layouts: list[Layout],
 def resolve(dataset: str, root: Path, split: str, layouts: list[Layout],
             forced: str = "auto") -> FewShotSplit:
     """Open `split` of `dataset` from `root` in the forced layout, or the first complete one."""
+    layout, files = locate(dataset, root, split, layouts, forced)
+    return layout.open(Path(root), split, files)
+
+
+def locate(dataset: str, root: Path, split: str, layouts: list[Layout],
+           forced: str = "auto") -> tuple[Layout, Any]:
+    """The layout `split` of `dataset` is stored in under `root`, and its files; nothing is read.
+    Raises DataError (the missing-dataset message) when no layout is complete."""
     root = Path(root)
     names = [layout.name for layout in layouts]
     if forced != "auto":
@@ -58,7 +66,7 @@ def resolve(dataset: str, root: Path, split: str, layouts: list[Layout],
     for layout in layouts_to_try:
         files = layout.find(root, split) if root.is_dir() else None
         if files is not None:
-            return layout.open(root, split, files)
+            return layout, files
     other: dict[str, list[str]] = {}
     if root.is_dir():
         for layout in layouts_to_try:

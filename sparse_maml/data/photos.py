@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from .base import DataError, FewShotSplit, ImageFileSplit
+from .base import DataError, FewShotSplit, ImageFileSplit, visible_entries
 from .imagenet import IMAGE_SUFFIXES
 from .layouts import PREPARE_HINT, Layout
 
@@ -48,7 +48,7 @@ def open_cub(root: Path, split: str, images: Path) -> FewShotSplit:
         folder = images / name
         if not folder.is_dir():
             raise _incomplete("cub", root, f"class folder {folder} is missing")
-        files.append(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        files.append(sorted(p for p in visible_entries(folder) if p.suffix.lower() in IMAGE_SUFFIXES))
     return ImageFileSplit("cub", split, classes, files)
 
 
@@ -160,8 +160,8 @@ def omniglot_characters(folder: Path) -> list[Path]:
     """Every character folder, background set first, sorted by alphabet and character."""
     characters = []
     for subset in OMNIGLOT_SETS:
-        for alphabet in sorted(p for p in (folder / subset).iterdir() if p.is_dir()):
-            characters += sorted(p for p in alphabet.iterdir() if p.is_dir())
+        for alphabet in sorted(p for p in visible_entries(folder / subset) if p.is_dir()):
+            characters += sorted(p for p in visible_entries(alphabet) if p.is_dir())
     return characters
 
 
@@ -183,7 +183,7 @@ def open_omniglot(root: Path, split: str, folder: Path, rotations: bool) -> FewS
         for character in chosen:
             names.append(f"{character.parent.name}/{character.name}" + (f"/rot{90 * quarter}"
                                                                         if rotations else ""))
-            files.append(sorted(p for p in character.iterdir() if p.suffix.lower() == ".png"))
+            files.append(sorted(p for p in visible_entries(character) if p.suffix.lower() == ".png"))
             turns.append(quarter)
     return ImageFileSplit("omniglot", split, names, files, channels=1, native_size=28,
                           normalize=False, rotations=turns if rotations else None, invert=True)
