@@ -3,7 +3,9 @@
 # train.py run per row, each into its own run folder, then summarise with
 # utils/collect_results.py. See docs/reproducing.md.
 #
-#   ./run_sparse_MAML.sh                                   # every row, one seed
+#   ./run_sparse_MAML.sh                                   # every row of both sets, one seed
+#   ./run_sparse_MAML.sh --set published                   # the paper's table as published
+#   ./run_sparse_MAML.sh --set same-protocol               # all methods under one protocol
 #   ./run_sparse_MAML.sh sparse_maml_conv4_5shot maml_conv4_1shot     # the rows named
 #   ./run_sparse_MAML.sh --seeds 3 sparse_maml_conv4_5shot            # seeds 0, 1, 2
 #   ./run_sparse_MAML.sh --sweep inner.step_size=0.05,0.1,0.25,0.5 sparse_maml_conv4_5shot
@@ -13,6 +15,9 @@
 #
 # Options:
 #   --dry-run        print one command per run instead of running it
+#   --set NAME       published: each published number under its source's protocol (sparse rows and
+#                    the *_protocol baselines); same-protocol: every method under the reference's
+#                    protocol; all (default): both. Rows named on the command line replace the set.
 #   --debug          append configs/debug.overrides (synthetic data, tiny network, 1 step)
 #   --seeds N        run seeds 0..N-1; folders <row>-seed<K>
 #   --sweep K=V1,V2  one run per value of the dotted key K; folders <row>-<key>-<V>
@@ -30,25 +35,40 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 
-# The rows of the table, in table order: configs/<row>.yaml.
-ROWS=(
-  maml_conv4_5shot anil_conv4_5shot boil_conv4_5shot sparse_maml_conv4_5shot sparse_relu_maml_conv4_5shot
-  maml_conv4_1shot anil_conv4_1shot boil_conv4_1shot sparse_maml_conv4_1shot sparse_relu_maml_conv4_1shot
-  maml_resnet12_5shot anil_resnet12_5shot boil_resnet12_5shot sparse_maml_resnet12_5shot sparse_relu_maml_resnet12_5shot
-  maml_resnet12_1shot anil_resnet12_1shot boil_resnet12_1shot sparse_maml_resnet12_1shot sparse_relu_maml_resnet12_1shot
+# The rows, in table order: configs/<row>.yaml. The sparse rows run the reference's protocol, which
+# produced their published numbers, so they belong to both sets.
+SPARSE_ROWS=(
+  sparse_maml_conv4_5shot sparse_relu_maml_conv4_5shot sparse_maml_conv4_1shot sparse_relu_maml_conv4_1shot
+  sparse_maml_resnet12_5shot sparse_relu_maml_resnet12_5shot sparse_maml_resnet12_1shot sparse_relu_maml_resnet12_1shot
   sparse_maml_plus_conv4_5shot sparse_maml_plus_conv4_1shot meta_sgd_conv4_5shot
 )
+# Each baseline under the protocol of the source its published number is quoted from.
+PUBLISHED_ROWS=(
+  maml_conv4_5shot_finn_protocol anil_conv4_5shot_raghu_protocol boil_conv4_5shot_boil_protocol
+  maml_conv4_1shot_finn_protocol anil_conv4_1shot_raghu_protocol boil_conv4_1shot_boil_protocol
+  maml_resnet12_5shot_boil_protocol anil_resnet12_5shot_boil_protocol boil_resnet12_5shot_boil_protocol
+  maml_resnet12_1shot_boil_protocol anil_resnet12_1shot_boil_protocol
+)
+# Each baseline under the reference's protocol: the like-for-like comparison with the sparse rows.
+SAME_PROTOCOL_ROWS=(
+  maml_conv4_5shot anil_conv4_5shot boil_conv4_5shot maml_conv4_1shot anil_conv4_1shot boil_conv4_1shot
+  maml_resnet12_5shot anil_resnet12_5shot boil_resnet12_5shot
+  maml_resnet12_1shot anil_resnet12_1shot boil_resnet12_1shot
+)
+ROWS=("${SPARSE_ROWS[@]}" "${PUBLISHED_ROWS[@]}" "${SAME_PROTOCOL_ROWS[@]}")
 
 # The comment block at the top of this file, without its '#'.
 usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 die() { echo "run_sparse_MAML.sh: $*" >&2; exit 2; }
 
-dry_run=0 debug=0 seeds=0 sweep="" out=""
+dry_run=0 debug=0 seeds=0 sweep="" out="" set=all
 rows=() overrides=()
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --debug) debug=1 ;;
+    --set) [[ ${2:-} =~ ^(published|same-protocol|all)$ ]] || die "--set needs published, same-protocol or all"; set=$2; shift ;;
+    --set=*) set=${1#*=}; [[ $set =~ ^(published|same-protocol|all)$ ]] || die "--set needs published, same-protocol or all" ;;
     --seeds) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--seeds needs a positive integer"; seeds=$2; shift ;;
     --seeds=*) seeds=${1#*=}; [[ $seeds =~ ^[1-9][0-9]*$ ]] || die "--seeds needs a positive integer" ;;
     --sweep) [[ ${2:-} == *=* ]] || die "--sweep needs key=v1,v2,..."; sweep=$2; shift ;;
@@ -66,7 +86,16 @@ while (($#)); do
   esac
   shift
 done
-((${#rows[@]})) || rows=("${ROWS[@]}")
+# Without named rows: the chosen set, each part announced by a comment line.
+sets=()
+if ((${#rows[@]} == 0)); then
+  case $set in
+    published) sets=("published: sparse rows and each baseline under its source's protocol") ;;
+    same-protocol) sets=("same-protocol: every method under the reference's protocol") ;;
+    all) sets=("published: sparse rows and each baseline under its source's protocol"
+               "same-protocol: the baselines under the reference's protocol (sparse rows above)") ;;
+  esac
+fi
 [[ -n $out ]] || { ((debug)) && out=runs/debug || out=runs; }
 
 debug_overrides=()
@@ -107,7 +136,9 @@ stopping=0
 trap 'stopping=1' TERM INT
 
 failed=()
-for row in "${rows[@]}"; do
+run_rows() {
+local row value seed name extra dir cmd
+for row in "$@"; do
   for value in "${sweep_values[@]}"; do
     for seed in "${seed_list[@]}"; do
       name=$row extra=()
@@ -149,6 +180,20 @@ for row in "${rows[@]}"; do
     done
   done
 done
+}
+
+if ((${#sets[@]})); then
+  for part in "${sets[@]}"; do
+    if ((dry_run)); then echo "# set ${part}"; else echo "== set ${part}"; fi
+    case $part in
+      published*) run_rows "${SPARSE_ROWS[@]}" "${PUBLISHED_ROWS[@]}" ;;
+      same-protocol:\ every*) run_rows "${SPARSE_ROWS[@]}" "${SAME_PROTOCOL_ROWS[@]}" ;;
+      same-protocol*) run_rows "${SAME_PROTOCOL_ROWS[@]}" ;;
+    esac
+  done
+else
+  run_rows "${rows[@]}"
+fi
 
 if ((!dry_run)); then
   if ((${#failed[@]})); then

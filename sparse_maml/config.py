@@ -53,6 +53,10 @@ class RunConfig:
     checkpoint_every: int = 0
     """Also checkpoint every this many meta-batches (0: only at the end of each epoch, on a stop
     signal and when the NaN guard stops the run)."""
+    protocol: str = ""
+    """Label of the published protocol this run follows, read by utils/collect_results.py: it puts
+    a published number beside a run only when the number was produced under this protocol (see
+    configs/paper_results.yaml: reference, finn2017, raghu2020, boil2021). Empty: none claimed."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,10 @@ class TrainConfig:
     val_every: int = 2
     """Validate every this many epochs (and after the last one)."""
     val_from_epoch: int = 0
-    """First epoch (1-based) whose validation may become the best checkpoint (paper: 100 / 10)."""
+    """First epoch (1-based) that is validated and may become the best checkpoint (paper: 100 / 10)."""
+    validate_early: bool = False
+    """Also validate every val_every epochs before val_from_epoch, for monitoring only: those
+    validations never become the best checkpoint (the reference does not run them)."""
     num_val_tasks: int = 100
     """Fixed validation tasks."""
     num_test_tasks: int = 600

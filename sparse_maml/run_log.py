@@ -34,7 +34,8 @@ RESUMABLE_CHANGES = frozenset({
     "run.checkpoint_every",
     "data.root", "data.layout", "data.download", "data.num_workers", "data.on_device",
     "outer.max_bad_steps",
-    "train.epochs", "train.val_every", "train.val_from_epoch", "train.num_test_tasks",
+    "train.epochs", "train.val_every", "train.val_from_epoch", "train.validate_early",
+    "train.num_test_tasks",
     "train.eval_batch_size", "train.test_after_training",
     "cross_domain.tieredimagenet", "cross_domain.cub", "cross_domain.cars",
 })
@@ -265,6 +266,12 @@ class RunLog:
                         self.writer.add_scalar(f"{kind}/{key}/{sub}", v, step)
                 elif isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def scalars(self, kind: str, step: int, **values: float) -> None:
+        """TensorBoard only (not metrics.jsonl): scalars under `kind/` at global meta-batch `step`."""
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
 
     def flush(self) -> None:
         """Push TensorBoard events to disk (metrics.jsonl is written line by line)."""

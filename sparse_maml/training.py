@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint, compiled, distributed
-from .config import Config, ConfigError, load_config, to_dict
+from .config import Config, ConfigError, TrainConfig, load_config, to_dict
 from .data import EpisodeDataset, build_episodes, build_split, episode_loader, stack_tasks
 from .evaluation import EVAL_SEED, evaluate
 from .meta_learner import MetaLearner, build_meta_learner
@@ -430,6 +430,14 @@ def restore_checkpoint(exp: Experiment, saved: dict, path: Path) -> None:
     exp.pending_rng = saved["rng"]
 
 
+def validates(train_cfg: TrainConfig, epoch: int) -> bool:
+    """Whether epoch `epoch` (1-based) is validated: every val_every epochs from val_from_epoch on
+    (earlier ones only with validate_early), and the last epoch if it is not before val_from_epoch."""
+    if epoch < train_cfg.val_from_epoch and not train_cfg.validate_early:
+        return False
+    return epoch % train_cfg.val_every == 0 or epoch == train_cfg.epochs
+
+
 def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, bar: tqdm) -> None:
     """Score the fixed validation tasks; keep best.pt; log and print the epoch."""
     config, learner, state, train_cfg = exp.config, exp.learner, exp.state, exp.config.train
@@ -613,6 +621,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
                 state.epoch_losses.append(loss)
                 state.epoch_accuracies.append(acc)
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+                log.scalars("train_step", state.step, loss=loss, accuracy=acc)
             else:
                 state.bad_streak += 1
                 state.skipped_steps += 1
@@ -653,7 +662,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         state.epoch = epoch
         state.epoch_losses, state.epoch_accuracies = [], []
         state.epoch_skipped, state.epoch_seconds = 0, 0.0
-        if epoch % train_cfg.val_every == 0 or epoch == train_cfg.epochs:
+        if validates(train_cfg, epoch):
             _validate_epoch(exp, run_dir, log, record, bar)
             report_compilation(learner, bar)
         path = save(mid_epoch=False)

@@ -48,20 +48,21 @@ def parse_command(line: str) -> tuple[str, list[str]]:
 def test_every_row_has_a_config_and_every_config_a_row():
     configs = {p.stem for p in (ROOT / "configs").glob("*.yaml")} - {"demo", "paper_results"}
     assert sorted(rows()) == sorted(configs)
-    assert len(rows()) == 23
+    assert len(rows()) == 34
 
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_dry_run_prints_one_command_per_row_with_the_right_shots(debug):
     """One line per row; every '1shot' row trains 1-shot (the reference's script passed 5)."""
     out = run(LAUNCHER, "--dry-run", *(["--debug"] if debug else [])).stdout.strip().splitlines()
+    out = [line for line in out if not line.startswith("# set ")]  # the two sets' headings
     assert len(out) == len(rows())
     dirs = set()
     for row, line in zip(rows(), out):
         config, overrides = parse_command(line)
         assert config == f"configs/{row}.yaml"
         cfg = load_config(ROOT / config, overrides)
-        assert cfg.data.num_shots == (1 if row.endswith("_1shot") else 5), row
+        assert cfg.data.num_shots == (1 if "_1shot" in row else 5), row
         assert cfg.data.name == ("synthetic" if debug else "miniimagenet")
         assert cfg.run.name == row
         dirs.add(cfg.run.dir)
@@ -112,7 +113,7 @@ def test_launcher_debug_run_trains_and_skips_finished_runs(debug_runs):
 
 def test_collect_and_plot_real_debug_runs(debug_runs, tmp_path):
     result = run(sys.executable, COLLECT, debug_runs, "--out", tmp_path)
-    assert "| sparse-MAML | Conv4 | 2-way 5-shot | synthetic | synthetic |" in result.stdout
+    assert "| sparse-MAML | Conv4 | 2-way 5-shot | reference | synthetic | synthetic |" in result.stdout
     assert "(std, n=2)" in result.stdout
     run(sys.executable, PLOT, debug_runs / "sparse_maml_conv4_5shot-seed0", "--out", tmp_path)
     assert_pngs(tmp_path, ["sparsity_over_training.png", "sparsity_final.png", "accuracy.png"])
@@ -167,8 +168,9 @@ def fabricated(tmp_path) -> Path:
         {"accuracy": 0.99, "ci95": 0.01, "overrides": ["inner.eval_steps=100"]},
     ])
     for seed, acc in enumerate((0.47, 0.48, 0.49)):
-        fabricate(runs, f"seeds/x{seed}", "maml_conv4_1shot", [f"run.seed={seed}"],
+        fabricate(runs, f"seeds/x{seed}", "maml_conv4_1shot_finn_protocol", [f"run.seed={seed}"],
                   tests=[{"accuracy": acc, "ci95": 0.02}])
+    fabricate(runs, "same", "maml_conv4_1shot", tests=[{"accuracy": 0.51, "ci95": 0.01}])
     fabricate(runs, "unfinished", "sparse_relu_maml_resnet12_5shot")  # no test record yet
     fabricate(runs, "boil", "boil_resnet12_1shot", tests=[{"accuracy": 0.5, "ci95": 0.01}])
     return runs
@@ -182,12 +184,14 @@ def test_collect_results_prints_the_expected_table(fabricated, tmp_path):
     result = run(sys.executable, COLLECT, fabricated, "--out", tmp_path / "out")
     lines = table_lines(result.stdout)
     expected = [
-        "| MAML | Conv4 | 5-way 1-shot | miniimagenet | miniimagenet |  | 48.00 ± 1.00 (std, n=3) | 48.07 | 3 | 600 |",
-        "| sparse-MAML | Conv4 | 5-way 5-shot | miniimagenet | miniimagenet |  | 65.00 ± 0.80 | 67.03 | 1 | 600 |",
-        "| sparse-MAML | Conv4 | 5-way 5-shot | miniimagenet | cars (cross-domain) |  | 40.00 ± 1.20 | – | 1 | 600 |",
-        "| sparse-MAML | Conv4 | 5-way 5-shot | miniimagenet | cub (cross-domain) |  | 45.00 ± 1.00 | – | 1 | 600 |",
-        "| sparse-MAML | Conv4 | 5-way 5-shot | miniimagenet | tieredimagenet (cross-domain) |  | 55.00 ± 0.90 | – | 1 | 600 |",
-        "| BOIL | ResNet-12 | 5-way 1-shot | miniimagenet | miniimagenet |  | 50.00 ± 1.00 | – | 1 | 600 |",
+        "| MAML | Conv4 | 5-way 1-shot | finn2017 | miniimagenet | miniimagenet |  | 48.00 ± 1.00 (std, n=3) | 48.07 | 3 | 600 |",
+        "| sparse-MAML | Conv4 | 5-way 5-shot | reference | miniimagenet | miniimagenet |  | 65.00 ± 0.80 | 67.03 | 1 | 600 |",
+        "| sparse-MAML | Conv4 | 5-way 5-shot | reference | miniimagenet | cars (cross-domain) |  | 40.00 ± 1.20 | – | 1 | 600 |",
+        "| sparse-MAML | Conv4 | 5-way 5-shot | reference | miniimagenet | cub (cross-domain) |  | 45.00 ± 1.00 | – | 1 | 600 |",
+        "| sparse-MAML | Conv4 | 5-way 5-shot | reference | miniimagenet | tieredimagenet (cross-domain) |  | 55.00 ± 0.90 | – | 1 | 600 |",
+        "| BOIL | ResNet-12 | 5-way 1-shot | reference | miniimagenet | miniimagenet |  | 50.00 ± 1.00 | – | 1 | 600 |",
+        # The same method under the reference's protocol: no published number beside it.
+        "| MAML | Conv4 | 5-way 1-shot | reference | miniimagenet | miniimagenet |  | 51.00 ± 1.00 | none under this protocol (48.07 is finn2017's) | 1 | 600 |",
     ]
     for line in expected:
         assert line in lines, f"missing {line!r} in\n{result.stdout}"
@@ -199,9 +203,12 @@ def test_collect_results_prints_the_expected_table(fabricated, tmp_path):
     assert (tmp_path / "out" / "results.md").read_text().strip() in result.stdout
     with open(tmp_path / "out" / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 6
-    maml = next(r for r in csv_rows if r["method"] == "maml")
+    assert len(csv_rows) == 7
+    maml = next(r for r in csv_rows if r["method"] == "maml" and r["protocol"] == "finn2017")
     assert (maml["num_seeds"], maml["accuracy"], maml["std"], maml["paper"]) == ("3", "48.0000", "1.0000", "48.07")
+    same = next(r for r in csv_rows if r["method"] == "maml" and r["protocol"] == "reference")
+    assert same["paper"] == "" and "finn2017" in same["paper_note"]
+    assert "3 runs pooled as seeds [0, 1, 2]" in result.stderr
     cub = next(r for r in csv_rows if r["dataset"] == "cub")
     assert (cub["cross_domain"], cub["ci95"], cub["paper"]) == ("True", "1.0000", "")
 
@@ -216,7 +223,8 @@ def test_collect_results_identifies_cells_from_config_not_folder(tmp_path):
     fabricate(runs, "s2", "sparse_maml_conv4_5shot", ["inner.step_size=0.5"],
               tests=[{"accuracy": 0.62, "ci95": 0.01}])
     text = run(sys.executable, COLLECT, runs).stdout
-    assert "| sparse-ReLU-MAML | Conv4 | 5-way 1-shot |" in text and "| 50.00 ± 1.00 | 50.15 |" in text
+    assert "| sparse-ReLU-MAML | Conv4 | 5-way 1-shot |" in text
+    assert "| 50.00 ± 1.00 | 50.15 (first README: 50.39) |" in text
     assert "| inner.step_size=0.05 | 60.00 ± 1.00 |" in text
     assert "| inner.step_size=0.5 | 62.00 ± 1.00 |" in text
     assert (runs / "results.md").is_file() and (runs / "results.csv").is_file()  # default --out
@@ -243,7 +251,7 @@ def test_plot_sparsity_writes_the_run_figures(fabricated):
     # A run without a mask (MAML) gets its accuracy curves only.
     out = run(sys.executable, PLOT, fabricated / "seeds" / "x0").stdout
     assert_pngs(fabricated / "seeds" / "x0", ["accuracy.png"])
-    assert out.count("wrote ") == 1
+    assert out.count("wrote ") == 2  # accuracy.png and accuracy.pdf
     assert not (fabricated / "seeds" / "x0" / "sparsity_final.png").exists()
 
 

@@ -1,21 +1,26 @@
-"""Paper-style figures from run folders (metrics.jsonl + config.yaml), written as PNG.
+"""Paper-style figures from run folders (metrics.jsonl + config.yaml), as PNG and PDF.
 
     python utils/plot_sparsity.py runs/sparse_maml_conv4_5shot          # figures of one run
-    python utils/plot_sparsity.py runs/a runs/b --out figures/
+    python utils/plot_sparsity.py runs/a runs/b --out figures/ --format png,svg
+    python utils/plot_sparsity.py runs/x --layers all                   # every masked tensor
     python utils/plot_sparsity.py --sweep runs/*-step_size-* --key inner.step_size
 
-Per run (into the run folder, or --out):
-- sparsity_over_training.png: mask sparsity of every masked parameter tensor per epoch (one line
-  per tensor, input side dark to output side light), with the mean over all masked entries;
-- sparsity_final.png: sparsity per tensor of the tested (best-validation) masks, as bars;
-- accuracy.png: meta-training query accuracy per epoch, validation accuracy with its 95% interval,
-  and the test accuracy of the best checkpoint.
-Runs without a mask (MAML, ANIL, BOIL) get accuracy.png only.
+Per run (into the run folder, or --out), each in every --format (default png,pdf):
+- sparsity_over_training: mask sparsity per epoch, with the mean over all masked entries.
+  --layers conv (default): one line per conv weight, or per block when there are more than eight
+  (ResNet-12), weighted by the number of entries; blocks: always per block (and the head);
+  all: every masked tensor, biases and BatchNorm included (their few entries make jumpy lines);
+- sparsity_final: sparsity per tensor of the tested (best-validation) masks, as bars;
+- accuracy: meta-training query accuracy per epoch, validation accuracy with its 95% interval,
+  and the test accuracy of the best checkpoint; the y-axis is fitted to the data.
+Runs without a mask (MAML, ANIL, BOIL) get the accuracy figure only. The test record shown is the
+one utils/collect_results.py counts (see its docstring); records left out are reported on stderr.
 
 --sweep: test accuracy against a config key (inner.step_size, inner.steps, ...) for runs that
-differ in that key, one line per method/architecture/shots, mean ± 95% CI (one seed) or ± std
-over seeds: the paper's claim that sparse-MAML is robust to the inner step size and step count.
-Written as sweep_<key>.png into --out (default: the common parent folder of the runs).
+differ in that key, one line per method/architecture/shots/protocol and per setting of any other
+key that differs (named in the legend, never merged), mean ± 95% CI (one seed) or ± std over seeds:
+the paper's claim that sparse-MAML is robust to the inner step size and step count.
+Written as sweep_<key>.<format> into --out (default: the common parent folder of the runs).
 """
 
 from __future__ import annotations
@@ -30,10 +35,92 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collect_results import (ARCH_LABELS, Run, default_out, find_runs, label,  # noqa: E402
-                             method_of)
+from collect_results import (ARCH_LABELS, HOUSEKEEPING, Run, default_out, find_runs,  # noqa: E402
+                             label, method_of, report_left_out, warn)
+
+import torch  # noqa: E402
+
+from sparse_maml.models import build_model, conv_weight_names  # noqa: E402
+
+FORMATS = ("png", "pdf", "svg")
+LAYER_VIEWS = ("conv", "blocks", "all")
+MAX_LINES = 8  # more conv weights than this are drawn per block
+# Distinguishable in colour, dash pattern and marker, and in greyscale print.
+COLOURS = plt.cm.tab10.colors
+DASHES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def line_style(i: int) -> dict:
+    """Colour, dash and marker of line i: no two of the first 40 lines look alike."""
+    return {"color": COLOURS[i % len(COLOURS)], "ls": DASHES[(i // len(COLOURS)) % len(DASHES)],
+            "marker": MARKERS[i % len(MARKERS)]}
+
+
+def save(fig, stem: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Write the figure once per format (PNG at 150 dpi; PDF and SVG are vector)."""
+    paths = []
+    for fmt in formats:
+        path = stem.with_suffix(f".{fmt}")
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def tensor_sizes(run: Run) -> dict[str, tuple[int, bool]]:
+    """Parameter name -> (number of entries, is a conv weight), from the model the config builds
+    (on the meta device: nothing is allocated)."""
+    c = run.cfg
+    with torch.device("meta"):
+        model = build_model(c["model.arch"], 3, c["data.num_ways"], 84, tuple(c["model.widths"]))
+    conv = set(conv_weight_names(model))
+    return {n: (p.numel(), n in conv) for n, p in model.named_parameters()}
+
+
+def block_of(name: str) -> str:
+    """The group a tensor is drawn in with --layers blocks: body.blockK, or the head."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "body" else parts[0]
+
+
+def sparsity_series(run: Run, train: list[dict], view: str) -> dict[str, list[float]]:
+    """Line label -> sparsity (%) per epoch, for the chosen --layers view."""
+    names = list(train[-1]["layer_sparsity"])
+    sizes = tensor_sizes(run)
+    unknown = [n for n in names if n not in sizes]
+    if unknown:  # a config that no longer builds the logged model: show what was logged
+        warn(f"{run.path}: masked tensors {', '.join(unknown)} are not in the model its config "
+             "builds; drawing every logged tensor")
+        view = "all"
+    conv = [n for n in names if n in sizes and sizes[n][1]]
+    if view == "conv" and (len(conv) > MAX_LINES or not conv):
+        view = "blocks"
+    if view == "all":
+        groups = {n: [n] for n in names}
+    elif view == "conv":
+        groups = {n: [n] for n in conv}
+    else:  # blocks: conv weights of each block, entry-weighted, and the head's weight
+        groups = {}
+        for n in names:
+            if sizes[n][1] or (n.startswith("head.") and n.endswith("weight")):
+                groups.setdefault(block_of(n), []).append(n)
+    series = {}
+    for group, members in groups.items():
+        weights = [sizes[n][0] if n in sizes else 1 for n in members]
+        values = []
+        for record in train:
+            layer = record["layer_sparsity"]
+            if all(n in layer for n in members):
+                values.append(100 * sum(layer[n] * w for n, w in zip(members, weights)) / sum(weights))
+            else:
+                values.append(math.nan)
+        label_text = group if len(members) == 1 else f"{group} ({len(members)} conv weights)"
+        series[label_text] = values
+    return series
 
 
 def run_title(run: Run) -> str:
@@ -55,63 +142,78 @@ def final_sparsity(run: Run) -> dict[str, float]:
     return dict(train[-1]["layer_sparsity"]) if train else {}
 
 
-def plot_sparsity_over_training(run: Run, path: Path) -> bool:
-    """One line per masked tensor: its sparsity after each epoch. False if the run has no mask."""
+def plot_sparsity_over_training(run: Run, stem: Path, formats: tuple[str, ...],
+                                view: str = "conv") -> list[Path]:
+    """Sparsity per epoch of the chosen tensors and of all masked entries. [] if no mask."""
     train = [r for r in records(run, "train") if r.get("layer_sparsity")]
     if not train:
-        return False
-    names = list(train[-1]["layer_sparsity"])
+        return []
     epochs = [r["epoch"] for r in train]
-    colours = plt.cm.viridis([i / max(1, len(names) - 1) for i in range(len(names))])
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for name, colour in zip(names, colours):
-        values = [100 * r["layer_sparsity"].get(name, math.nan) for r in train]
-        ax.plot(epochs, values, color=colour, lw=1.2, marker="." if len(epochs) < 30 else None,
-                label=name)
+    series = sparsity_series(run, train, view)
+    mark = len(epochs) <= 30
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (name, values) in enumerate(series.items()):
+        style = line_style(i)
+        if not mark:
+            style["marker"] = None
+        ax.plot(epochs, values, lw=1.6, ms=4, markevery=max(1, len(epochs) // 15), label=name,
+                **style)
     ax.plot(epochs, [100 * r.get("mask_sparsity", math.nan) for r in train], color="black",
-            lw=2.2, ls="--", label="all masked weights")
+            lw=2.6, label="all masked entries")
     ax.set(xlabel="epoch", ylabel="gradient sparsity (% of entries that do not adapt)",
-           title=f"Mask sparsity per layer during meta-training\n{run_title(run)}", ylim=(0, 100))
+           title=f"Mask sparsity during meta-training\n{run_title(run)}", ylim=(0, 100))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
-              ncol=1 if len(names) <= 24 else 2)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return True
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              ncol=1 if len(series) <= 20 else 2)
+    return save(fig, stem, formats)
 
 
-def plot_final_sparsity(run: Run, path: Path) -> bool:
-    """Bars: sparsity per masked tensor, input side first. False if the run has no mask."""
+def plot_final_sparsity(run: Run, stem: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Bars: sparsity per masked tensor, input side first, one colour per block. [] if no mask."""
     sparsity = final_sparsity(run)
     if not sparsity:
-        return False
+        return []
     names = list(sparsity)
+    blocks = list(dict.fromkeys(block_of(n) for n in names))
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4.5))
-    colours = plt.cm.viridis([i / max(1, len(names) - 1) for i in range(len(names))])
+    colours = [COLOURS[blocks.index(block_of(n)) % len(COLOURS)] for n in names]
     ax.bar(range(len(names)), [100 * sparsity[n] for n in names], color=colours)
     ax.set_xticks(range(len(names)), names, rotation=75, ha="right", fontsize=7)
     ax.set(ylabel="gradient sparsity (%)", ylim=(0, 100),
            title=f"Final mask sparsity per layer\n{run_title(run)}")
     ax.grid(axis="y", alpha=0.3)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return True
+    return save(fig, stem, formats)
 
 
-def plot_accuracy(run: Run, path: Path) -> bool:
+def fitted_limits(values: list[float], pad: float = 0.08) -> tuple[float, float]:
+    """An accuracy axis around the data (within 0-100), with a margin."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return 0.0, 100.0
+    low, high = min(finite), max(finite)
+    margin = max(1.0, pad * (high - low))
+    return max(0.0, low - margin), min(100.0, high + margin)
+
+
+def plot_accuracy(run: Run, stem: Path, formats: tuple[str, ...]) -> list[Path]:
     """Training and validation accuracy per epoch, and the test accuracy."""
-    train, val, test = records(run, "train"), records(run, "val"), records(run, "test")
+    train, val = records(run, "train"), records(run, "val")
     if not (train or val):
-        return False
+        return []
+    shown: list[float] = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
-        ax.plot([r["epoch"] for r in train], [100 * r["accuracy"] for r in train],
+        ys = [100 * r["accuracy"] for r in train]
+        shown += ys
+        ax.plot([r["epoch"] for r in train], ys,
                 label="meta-training (query, after adaptation)", color="tab:blue", lw=1.2,
                 marker="." if len(train) < 30 else None)
     if val:
         x = [r["epoch"] for r in val]
         y = [100 * r["accuracy"] for r in val]
         ci = [100 * r.get("ci95", 0.0) for r in val]
+        shown += [a - c for a, c in zip(y, ci)] + [a + c for a, c in zip(y, ci)]
         ax.plot(x, y, label="validation (95% CI band)", color="tab:orange", marker="o", ms=3)
         ax.fill_between(x, [a - c for a, c in zip(y, ci)], [a + c for a, c in zip(y, ci)],
                         color="tab:orange", alpha=0.2)
@@ -119,77 +221,116 @@ def plot_accuracy(run: Run, path: Path) -> bool:
         if best:
             ax.axvline(best[-1]["epoch"], color="tab:orange", ls=":", lw=1,
                        label=f"best validation (epoch {best[-1]['epoch']})")
-    own = [r for r in test if r.get("dataset", run.cfg["data.name"]) == run.cfg["data.name"]
-           and r.get("split", "test") == "test"]
-    if own:
-        r = own[-1]
+    r = run.test_results().get(run.cfg["data.name"])  # the record collect_results counts
+    if r is not None:
         epoch = r.get("epoch") or (val[-1]["epoch"] if val else train[-1]["epoch"])
-        ax.errorbar([epoch], [100 * r["accuracy"]], yerr=[100 * r.get("ci95", 0.0)], fmt="s",
-                    color="tab:green", capsize=4,
-                    label=f"test {100 * r['accuracy']:.2f} ± {100 * r.get('ci95', 0.0):.2f}")
+        acc, ci = 100 * r["accuracy"], 100 * r.get("ci95", 0.0)
+        shown += [acc - ci, acc + ci]
+        ax.errorbar([epoch], [acc], yerr=[ci], fmt="s", color="tab:green", capsize=4,
+                    label=f"test {acc:.2f} ± {ci:.2f} ({r.get('num_tasks', '?')} tasks)")
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy\n{run_title(run)}",
-           ylim=(0, 100))
+           ylim=fitted_limits(shown))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return True
+    return save(fig, stem, formats)
 
 
-def plot_run(run: Run, out: Path) -> list[Path]:
+def plot_run(run: Run, out: Path, formats: tuple[str, ...] = ("png", "pdf"),
+             view: str = "conv") -> list[Path]:
     """All per-run figures of one run into `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, fn in (("sparsity_over_training.png", plot_sparsity_over_training),
-                     ("sparsity_final.png", plot_final_sparsity), ("accuracy.png", plot_accuracy)):
-        if fn(run, out / name):
-            written.append(out / name)
-    return written
+    return (plot_sparsity_over_training(run, out / "sparsity_over_training", formats, view)
+            + plot_final_sparsity(run, out / "sparsity_final", formats)
+            + plot_accuracy(run, out / "accuracy", formats))
 
 
 def sweep_points(runs: list[Run], key: str) -> dict[str, dict[float, list[tuple[float, float]]]]:
-    """Series label -> key value -> [(test accuracy %, ci95 %) per seed]."""
-    series: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    """Series label -> key value -> [(test accuracy %, ci95 %) per seed].
+
+    Runs are in one series only when their configs agree on everything but `key`, the seed and
+    housekeeping keys; series that share a method/arch/shots label are told apart by the keys in
+    which they differ. Pooled seeds and runs left out are reported on stderr.
+    """
+    groups: dict[tuple, list[Run]] = {}
     for run in runs:
         if key not in run.cfg:
             raise KeyError(f"{run.path}: config has no key {key!r}")
-        result = run.test_results().get(run.cfg["data.name"])
-        if result is None:
-            print(f"note: {run.path} has no test result; left out", file=sys.stderr)
+        if run.test_results().get(run.cfg["data.name"]) is None:
+            warn(f"{run.path} has no test result on {run.cfg['data.name']}; left out of the sweep")
             continue
-        c = run.cfg
+        rest = tuple(sorted((k, repr(v)) for k, v in run.cfg.items()
+                            if k != key and not k.startswith(HOUSEKEEPING)))
+        groups.setdefault((run.cell, run.protocol, rest), []).append(run)
+    by_name: dict[str, list[tuple]] = {}
+    for group in groups:
+        c = groups[group][0].cfg
         name = (f"{label(method_of(c))}, {ARCH_LABELS.get(c['model.arch'], c['model.arch'])}, "
                 f"{c['data.num_shots']}-shot")
-        point = (100 * result["accuracy"], 100 * result.get("ci95", 0.0))
-        series.setdefault(name, {}).setdefault(float(c[key]), []).append(point)
+        if group[1] not in ("reference",):
+            name += f" ({group[1]})"
+        by_name.setdefault(name, []).append(group)
+    series: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    for name, members in by_name.items():
+        for group in members:
+            settings = dict(group[2])
+            if len(members) > 1:  # name the keys in which this series differs from its namesakes
+                differing = sorted(k for k in settings
+                                   if len({dict(g[2]).get(k) for g in members}) > 1)
+                full = f"{name}, " + ", ".join(f"{k}={settings[k]}" for k in differing)
+            else:
+                full = name
+            points = series.setdefault(full, {})
+            for run in groups[group]:
+                r = run.test_results()[run.cfg["data.name"]]
+                points.setdefault(float(run.cfg[key]), []).append(
+                    (100 * r["accuracy"], 100 * r.get("ci95", 0.0)))
+            for value, found in points.items():
+                if len(found) > 1:
+                    seeds = sorted(run.cfg["run.seed"] for run in groups[group]
+                                   if float(run.cfg[key]) == value)
+                    warn(f"sweep point {full}, {key}={value:g}: {len(found)} runs pooled as seeds "
+                         f"{seeds} (mean ± std)")
     return series
 
 
-def plot_sweep(runs: list[Run], key: str, path: Path) -> None:
-    """Test accuracy against the swept key, one line per method/arch/shots."""
+def plot_sweep(runs: list[Run], key: str, stem: Path,
+               formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """Test accuracy against the swept key, one line per series (see sweep_points)."""
     series = sweep_points(runs, key)
     if not series:
         raise ValueError("no run of the sweep has a test result")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, points in sorted(series.items()):
+    shown: list[float] = []
+    for i, (name, points) in enumerate(sorted(series.items())):
         xs = sorted(points)
         ys, errs = [], []
         for x in xs:
             accs = [a for a, _ in points[x]]
             ys.append(statistics.fmean(accs))
             errs.append(points[x][0][1] if len(accs) == 1 else statistics.stdev(accs))
-        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
+        shown += [y - e for y, e in zip(ys, errs)] + [y + e for y, e in zip(ys, errs)]
+        ax.errorbar(xs, ys, yerr=errs, capsize=3, label=name, **line_style(i))
     values = sorted({x for p in series.values() for x in p})
     if len(values) > 2 and values[0] > 0 and values[-1] / values[0] >= 10:
         ax.set_xscale("log")
     ax.set_xticks(values, [f"{v:g}" for v in values])
     ax.minorticks_off()  # log-scale minor labels would overprint the swept values
-    ax.set(xlabel=key, ylabel="test accuracy (%)", ylim=(0, 100),
+    ax.set(xlabel=key, ylabel="test accuracy (%)", ylim=fitted_limits(shown),
            title=f"Test accuracy against {key}\n(bars: 95% CI over tasks, or std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return save(fig, stem, formats)
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """'png,pdf' -> ('png', 'pdf'); argparse type."""
+    formats = tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise argparse.ArgumentTypeError(f"--format takes a comma-separated list of "
+                                         f"{', '.join(FORMATS)}; got {text!r}")
+    return formats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,27 +343,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="one figure of test accuracy against --key over all the runs")
     parser.add_argument("--key", default="inner.step_size",
                         help="config key of the sweep (default inner.step_size)")
+    parser.add_argument("--format", type=parse_formats, default=("png", "pdf"),
+                        help="comma-separated file formats: png, pdf, svg (default png,pdf)")
+    parser.add_argument("--layers", choices=LAYER_VIEWS, default="conv",
+                        help="sparsity lines: conv weights (per block beyond eight), blocks, or "
+                             "all masked tensors (default conv)")
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.runs)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    report_left_out(runs)
     if args.sweep:
         out = Path(args.out) if args.out else default_out(runs)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"sweep_{args.key.replace('.', '_')}.png"
         try:
-            plot_sweep(runs, args.key, path)
+            paths = plot_sweep(runs, args.key, out / f"sweep_{args.key.replace('.', '_')}",
+                               args.format)
         except (KeyError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        print(f"wrote {path}")
+        for path in paths:
+            print(f"wrote {path}")
         return 0
     for run in runs:
         out = Path(args.out) / run.path.name if args.out and len(runs) > 1 else (
             Path(args.out) if args.out else run.path)
-        for path in plot_run(run, out):
+        for path in plot_run(run, out, args.format, args.layers):
             print(f"wrote {path}")
     return 0
 
