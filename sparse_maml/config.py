@@ -155,6 +155,9 @@ class OuterConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode of outer.implementation=compiled; reduce-overhead replays each graph as
     a CUDA graph (CUDA only)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: run the inner and outer passes under bfloat16 autocast (faster on recent GPUs; not
+    exact, so check accuracy against an fp32 run); weights, masks and optimizer stay fp32."""
     checkpoint_inner_steps: bool = False
     """Second-order runs: recompute each inner step's activations in the outer backward pass
     instead of keeping them (memory of one step instead of `inner.steps`, about 1.5x the time)."""

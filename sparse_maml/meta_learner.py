@@ -56,6 +56,7 @@ class MetaLearner(nn.Module):
         self.loss_reduction = config.outer.loss_reduction
         self.implementation = config.outer.implementation
         self.checkpoint_inner_steps = config.outer.checkpoint_inner_steps
+        self.precision = config.outer.precision
         self.compiled = (CompiledAdaptation(config.outer.compile_mode)
                          if self.implementation == "compiled" else None)
         self._adapt_and_score = {
@@ -133,8 +134,11 @@ class MetaLearner(nn.Module):
             params = {n: p.detach() for n, p in params.items()}
         first, total = share if share is not None else (0, None)
         shared, per_task = self.draw_masks(tasks, first, total)
-        losses, query_logits = self._adapt_and_score(params, shared, per_task, batch, steps,
-                                                     track_outer)
+        with torch.autocast(batch.support_x.device.type, torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            losses, query_logits = self._adapt_and_score(params, shared, per_task, batch, steps,
+                                                         track_outer)
+        losses, query_logits = losses.float(), query_logits.float()
         with torch.set_grad_enabled(track_outer):
             loss = losses.sum() if self.loss_reduction == "sum" else losses.mean()
         accuracies = (query_logits.argmax(-1) == batch.query_y).float().mean(1)

@@ -8,9 +8,10 @@ For every configuration, one learner per implementation is built from the same s
 same episodes; each is warmed up (the compiled one compiles then: the "compile s" column), and then
 the implementations take turns, one outer step each (forward, backward, Adam), for --rounds rounds.
 Interleaving makes the ratios robust to a machine whose load changes; tasks/s is the median over
-rounds, with the device synchronised around every timed step. Peak memory is measured for each
-row on its own, in a fresh process, over one outer step after warm-up: on CUDA the peak allocated
-by torch, on CPU the peak resident set above what the process held before building the learner.
+rounds, with the device synchronised around every timed step. "peak MiB" is, for each row on its
+own, the most memory allocated during one outer step beyond what was allocated before it
+(activations, graphs, gradients): the CUDA allocator's counters, or on CPU the torch profiler's
+memory timeline.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from sparse_maml.meta_learner import MetaLearner, build_meta_learner  # noqa: E4
 from sparse_maml.runtime import resolve_device  # noqa: E402
 
 FIRST_ORDER = ("reference", "loop", "vmap", "compiled")
+WITH_CUDA_GRAPHS = (*FIRST_ORDER, "compiled+cudagraphs")
 SECOND_ORDER = ("reference", "loop", "loop+checkpoint")
 # implementation label -> config overrides
 IMPLEMENTATIONS = {
@@ -41,20 +44,23 @@ IMPLEMENTATIONS = {
     "loop": ["outer.implementation=loop"],
     "vmap": ["outer.implementation=vmap"],
     "compiled": ["outer.implementation=compiled"],
+    "compiled+cudagraphs": ["outer.implementation=compiled", "outer.compile_mode=reduce-overhead"],
     "loop+checkpoint": ["outer.implementation=loop", "outer.checkpoint_inner_steps=true"],
 }
 CONV4_64 = ["model.widths=[64,64,64,64]", "inner.steps=35"]
 RESNET_RELU = ["model.arch=resnet12", "inner.mask=relu_ste", "inner.mask_init=constant",
                "inner.adapt_batchnorm=false"]
-# name -> (overrides, image size, channels, implementations). "paper": the paper's settings.
+# name -> (overrides, image size, channels, implementations). "paper": the paper's settings (on
+# CUDA; CUDA graphs are timed on Conv4 only, where launch overhead matters most and they compile
+# in a minute).
 SHAPES = {
     "paper": {
         "conv4 sparse-MAML 5-shot": ([*CONV4_64, "data.num_shots=5", "outer.meta_batch_size=2"],
-                                     84, 3, FIRST_ORDER),
+                                     84, 3, WITH_CUDA_GRAPHS),
         "conv4 sparse-MAML 1-shot": ([*CONV4_64, "data.num_shots=1", "outer.meta_batch_size=2"],
-                                     84, 3, FIRST_ORDER),
+                                     84, 3, WITH_CUDA_GRAPHS),
         "conv4 sparse-MAML 5-shot mb8": ([*CONV4_64, "data.num_shots=5",
-                                          "outer.meta_batch_size=8"], 84, 3, FIRST_ORDER),
+                                          "outer.meta_batch_size=8"], 84, 3, WITH_CUDA_GRAPHS),
         "resnet12 sparse-ReLU 5-shot": ([*RESNET_RELU, "model.widths=[64,128,256,512]",
                                          "inner.step_size=0.05", "data.num_shots=5",
                                          "inner.steps=35", "outer.meta_batch_size=1"], 84, 3,
@@ -143,45 +149,28 @@ class Row:
         return self.config.outer.meta_batch_size / statistics.median(self.seconds)
 
 
-def resident_gib(peak: bool = False) -> float:
-    """Resident set of this process in GiB, now or its high-water mark (Linux)."""
-    key = "VmHWM:" if peak else "VmRSS:"
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(key))
-    return int(line.split()[1]) / 2**20
+def step_peak_memory(row: Row) -> float:
+    """Most memory (MiB) allocated during one outer step beyond what was allocated before it.
 
-
-def reset_resident_peak() -> None:
-    """Restart the high-water mark at the current resident set (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_memory(overrides: list[str], size: int, channels: int, implementation: str,
-                device: torch.device, warmup: int) -> float:
-    """Peak memory (GiB) of outer steps of one row, measured in this (fresh) process."""
-    baseline = resident_gib()
-    row = Row(overrides, size, channels, implementation, device)
-    if device.type == "cuda":
-        row.warm_up(warmup)
-        torch.cuda.reset_peak_memory_stats(device)
+    CUDA: the caching allocator's own counters. CPU: the torch profiler's memory timeline of the
+    step (tensor allocations seen during it, as the CUDA counters see them).
+    """
+    if row.device.type == "cuda":
+        synchronize(row.device)
+        torch.cuda.reset_peak_memory_stats(row.device)
+        before = torch.cuda.memory_allocated(row.device)
         row.step()
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    row.warm_up(warmup)
-    reset_resident_peak()  # compilation's own memory is not the step's
-    row.step()
-    return resident_gib(peak=True) - baseline
-
-
-def measure_memory_in_subprocess(args: argparse.Namespace, shapes: str, name: str,
-                                 implementation: str) -> float:
-    """peak_memory of one row in a fresh Python process, so rows do not share a high-water mark."""
-    command = [sys.executable, __file__, "--device", args.device, "--shapes", shapes,
-               "--memory-of", name, implementation, "--warmup", str(args.warmup)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"memory run of {name} / {implementation} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_gib"]
+        return (torch.cuda.max_memory_allocated(row.device) - before) / 2**20
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
+                                with_stack=True) as prof:
+        row.step()
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA; the CPU way in 2.x
+        path = Path(folder) / "memory.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())  # per time point: bytes per memory category
+    return max(map(sum, sizes), default=0) / 2**20
 
 
 def device_name(device: torch.device) -> str:
@@ -201,25 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
-    parser.add_argument("--memory-of", nargs=2, metavar=("CONFIG", "IMPLEMENTATION"),
-                        help=argparse.SUPPRESS)  # internal: one row's peak memory, as JSON
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     shapes = args.shapes or ("paper" if device.type == "cuda" else "small")
     table = SHAPES[shapes]
-    if args.memory_of:
-        name, implementation = args.memory_of
-        overrides, size, channels, _ = table[name]
-        print(json.dumps({"peak_gib": peak_memory(overrides, size, channels, implementation,
-                                                  device, args.warmup)}))
-        return
     unknown = set(args.configs or []) - set(table)
     if unknown:
         parser.error(f"unknown configuration(s) {sorted(unknown)}; --shapes {shapes} has {sorted(table)}")
     print(f"device: {device_name(device)}; torch {torch.__version__}; median of {args.rounds} "
           f"interleaved outer steps after {args.warmup} warm-up steps")
     header = (f"{'config':<34} {'implementation':<16} {'tasks/s':>9} {'x reference':>12} "
-              f"{'compile s':>10} {'peak GiB':>9}")
+              f"{'compile s':>10} {'peak MiB':>9}")
     print(header)
     print("-" * len(header))
     for name, (overrides, size, channels, implementations) in table.items():
@@ -237,8 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             rate = row.tasks_per_second
             ratio = f"{rate / baseline:.2f}" if baseline else "-"
             compiled = f"{compile_seconds[implementation]:.1f}" if implementation == "compiled" else "-"
-            peak = "-" if args.no_memory else \
-                f"{measure_memory_in_subprocess(args, shapes, name, implementation):.3f}"
+            peak = "-" if args.no_memory else f"{step_peak_memory(row):.1f}"
             print(f"{name:<34} {implementation:<16} {rate:9.2f} {ratio:>12} {compiled:>10} {peak:>9}",
                   flush=True)
         del rows
