@@ -101,3 +101,15 @@ def test_checkpointed_second_order_equals_plain():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match="second-order"):
         load_config(None, ["outer.checkpoint_inner_steps=true"])
+
+
+def test_a_run_may_switch_implementation_on_resume(tmp_path):
+    """The implementations compute the same outer gradients, so a run saved with one resumes with
+    another (e.g. continued on a GPU with compiled); the numerics (precision) may not change."""
+    from sparse_maml.run_log import check_resumable
+
+    saved = load_config(None, ["outer.implementation=loop"])
+    check_resumable(saved, load_config(None, ["outer.implementation=compiled",
+                                              "outer.compile_mode=reduce-overhead"]), tmp_path)
+    with pytest.raises(ConfigError, match="outer.precision"):
+        check_resumable(saved, load_config(None, ["outer.precision=bf16"]), tmp_path)

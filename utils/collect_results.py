@@ -52,7 +52,8 @@ METHOD_LABELS = {
 ARCH_LABELS = {"conv4": "Conv4", "resnet12": "ResNet-12"}
 # Keys that do not change the experiment: runs differing only here are seeds of one cell.
 HOUSEKEEPING = ("run.", "data.root", "data.layout", "data.download", "data.num_workers",
-                "data.on_device", "outer.implementation", "train.eval_batch_size",
+                "data.on_device", "outer.implementation", "outer.compile_mode",
+                "outer.checkpoint_inner_steps", "train.eval_batch_size",
                 "train.test_after_training", "outer.max_bad_steps")
 # Test-time overrides (test.py) that keep a record comparable: where the data lives, how many test
 # tasks are drawn and how many are adapted together.
