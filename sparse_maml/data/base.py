@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
 
 class DataError(RuntimeError):
     """A dataset that is missing, incomplete or unreadable; the message names the file or folder."""
@@ -51,7 +53,10 @@ class FewShotSplit:
     native_size: int = 84
     """The side images are resized to when data.image_size is 0."""
     normalize: bool = True
-    """Whether to apply ImageNet mean/std normalisation (colour photographs)."""
+    """Whether to normalise with `mean` and `std` (colour photographs)."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    """Per-channel statistics of the normalisation (ImageNet's unless data.normalize=train)."""
 
     @property
     def num_classes(self) -> int:
