@@ -222,10 +222,11 @@ def check_backbone(model: nn.Module, arch: str, in_channels: int, num_ways: int,
 
 
 def generator_size(model: nn.Module) -> int:
-    """Weights of a dense sparse-MAML+ generator: features x (conv weights + 1) + noise scale/offset."""
+    """Weights of a dense sparse-MAML+ generator: a linear layer from the features to one logit per
+    conv weight (with biases), plus the noise scale and offset."""
     params = dict(model.named_parameters())
     conv = sum(params[n].numel() for n in conv_weight_names(model))
-    return model.feature_size * (conv + 1) + 2 * model.feature_size
+    return conv * (model.feature_size + 1) + 2 * model.feature_size
 
 
 def check_generator(model: nn.Module, arch: str) -> None:
@@ -247,7 +248,7 @@ def conv_weight_names(model: nn.Module) -> list[str]:
 
 
 def generator_size_resnet12(widths: tuple[int, ...]) -> int:
-    """Weights of a dense sparse-MAML+ generator for ResNet-12: features x (conv weights + 1)."""
+    """Weights of a dense sparse-MAML+ generator for ResNet-12 (see generator_size)."""
     with torch.device("meta"):
         model = ResNet12(3, 5, 84, widths)
     return generator_size(model)
