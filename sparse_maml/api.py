@@ -3,7 +3,7 @@
     from sparse_maml.api import Learner
 
     learner = Learner.load("runs/my_run")                 # config, theta and masks of best.pt
-    support_x = learner.prepare(support_images)            # uint8 (N, C, H, W) or image files
+    support_x = learner.prepare(support_images)            # uint8 pixels, or image files
     fast = learner.adapt(support_x, support_y)             # inner steps on one task's support set
     labels = learner.predict(fast, learner.prepare(query_images)).argmax(-1)
     learner.masks()                                        # {parameter name: mask tensor}
@@ -119,16 +119,18 @@ class Learner:
         """Classes per task the head was built for; task labels are 0..num_ways-1."""
         return self.config.data.num_ways
 
-    def prepare(self, images: torch.Tensor | Sequence[str | Path]) -> torch.Tensor:
-        """Model inputs (N, C, S, S) from uint8 pixels (N, C, H, W) of any size, or image files:
-        converted to the run's channels, resized and normalised as in training (no augmentation)."""
-        if isinstance(images, torch.Tensor):
-            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
-                raise ValueError(f"prepare takes uint8 pixels of shape (N, {self.channels}, H, W), got "
-                                 f"{images.dtype} {tuple(images.shape)}")
-            pictures = list(images.cpu())
-        else:
-            pictures = [decode_image(p, self.channels, str(p)) for p in images]
+    def prepare(self, images: torch.Tensor | Sequence[torch.Tensor | str | Path]) -> torch.Tensor:
+        """Model inputs (N, C, S, S) from uint8 pixels (N, C, H, W), or from a list of uint8
+        (C, H, W) images of any sizes or image files: converted to the run's channels (files),
+        resized and normalised as in training (no augmentation)."""
+        pictures = []
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor):
+                image = decode_image(image, self.channels, str(image))
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != self.channels:
+                raise ValueError(f"prepare: image {i} must be uint8 pixels ({self.channels}, H, W), "
+                                 f"got {image.dtype} {tuple(image.shape)}")
+            pictures.append(image.cpu())
         if not pictures:
             raise ValueError("prepare: no images")
         return torch.stack([self.transform.apply(p, None) for p in pictures]).to(self.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -102,7 +103,8 @@ def test_a_tiny_custom_backbone_trains_one_step_through_the_cli(backbones, tmp_p
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *overrides, "train.epochs=1",
          "train.batches_per_epoch=1", "model.arch=my_nets.py:TinyNet", f"run.dir={run_dir}"],
-        cwd=backbones, capture_output=True, text=True, timeout=300)
+        cwd=backbones, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "my_nets.py:TinyNet with 133 weights" in result.stdout  # conv 36+4, norm 4+4, head 80+5
     assert "body.0.weight" in result.stdout and "head.weight" in result.stdout  # mask sparsity table
@@ -171,3 +173,15 @@ def test_refused_when_built_with_the_reason(backbones, monkeypatch, name, messag
     config = tiny_config(f"model.arch=my_nets.py:{name}", "data.num_ways=3")
     with pytest.raises(ConfigError, match=message):
         build_meta_learner(config, in_channels=1, image_size=16)
+
+
+def test_the_readme_backbone_builds_and_adapts(tmp_path, monkeypatch, one_thread):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Your own backbone"):]
+    code = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python"))]
+    (tmp_path / "my_nets.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("model.arch=my_nets.py:SmallNet", "data.num_ways=3", "inner.mask_generator=true")
+    learner = build_meta_learner(config, in_channels=1, image_size=16)
+    loss, _, _ = learner(random_tasks(tasks=2, ways=3), steps=1)
+    assert torch.isfinite(loss)

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import TINY
 from sparse_maml.config import ConfigError, DataConfig, load_config
 from sparse_maml.data import DataError, build_episodes, build_split
 from sparse_maml.data import normalization
 from sparse_maml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize
 
+ROOT = Path(__file__).resolve().parents[1]
 MODES = ("RGB", "L", "RGBA", "P", "I;16")
 
 
@@ -202,3 +209,28 @@ def test_clear_errors(tmp_path, root):
 def test_config_errors_name_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_train_and_test_on_a_generated_folder_dataset_through_the_cli(tmp_path):
+    """As the README shows it: write a folder dataset with the example script, train, test."""
+    # PYTHONPATH as after `pip install -e .`; one thread: tiny models on a shared machine.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    made = subprocess.run([sys.executable, str(ROOT / "examples" / "make_folder_dataset.py"),
+                           str(tmp_path / "glyphs"), "--classes", "6", "5", "5", "--per-class", "4"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    train = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *TINY, "data.name=folder",
+         f"data.root={tmp_path / 'glyphs'}", "data.image_size=16", "data.num_query=1",
+         "train.epochs=1", f"run.dir={run_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "data: folder, 5-way 1-shot, 1 queries per class" in train.stdout
+    assert re.search(r"test accuracy \(folder, 6 tasks.*\): [\d.]+% \+- [\d.]+%", train.stdout)
+    statistics = json.loads((tmp_path / "glyphs" / normalization.STATISTICS_FILE).read_text())
+    assert statistics["3x16"]["num_images"] == 24, "6 train classes x 4, .ipynb_checkpoints ignored"
+    test = subprocess.run([sys.executable, str(ROOT / "test.py"), str(run_dir), "--split", "val"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert re.search(r"folder/val: [\d.]+% \+- [\d.]+% \(95% CI over 6 tasks", test.stdout)
