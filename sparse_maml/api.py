@@ -85,7 +85,8 @@ class Learner:
         dotted `overrides` (e.g. "inner.eval_steps=50"); device defaults to the run's run.device.
 
         The run's dataset is opened (not read) to learn the input channels, size and normalisation;
-        pass "data.root=..." if it has moved.
+        pass "data.root=..." if it has moved. Seeds Python, NumPy and torch with run.seed, as
+        test.py does.
         """
         path = Path(path)
         run_dir, file = (path, path / checkpoint.BEST) if path.is_dir() else (path.parent, path)
@@ -220,7 +221,7 @@ class Learner:
     def test(self, split: str = "test", num_tasks: Optional[int] = None,
              steps: Optional[int] = None) -> Evaluation:
         """The fixed tasks of `split` scored exactly as `test.py RUN --split SPLIT` scores them
-        (default train.num_test_tasks tasks, inner.eval_steps steps)."""
+        (default train.num_test_tasks tasks, inner.eval_steps steps); reseeds with run.seed."""
         accs = evaluate_split(self.meta, self.config, self.dataset(split), self.device, num_tasks,
                               steps)
         return Evaluation(*mean_confidence_interval(accs), accuracies=accs)
