@@ -61,8 +61,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["synthetic", "omniglot", "miniimagenet", "tieredimagenet", "cub", "cars"] = "synthetic"
-    """Few-shot dataset. `synthetic` is generated on the fly from a seed (nothing to download)."""
+    name: Literal["synthetic", "omniglot", "miniimagenet", "tieredimagenet", "cub", "cars",
+                  "folder"] = "synthetic"
+    """Few-shot dataset. `synthetic` is generated on the fly from a seed (nothing to download);
+    `folder` is your own: root/{train,val,test}/<class>/<image files> (see data.image_size,
+    data.grayscale, data.normalize)."""
     root: str = "data"
     """Folder that holds the dataset (ignored for synthetic)."""
     layout: str = "auto"
@@ -70,7 +73,15 @@ class DataConfig:
     download: bool = False
     """Fetch and prepare the dataset into root if it is missing."""
     image_size: int = 0
-    """Side of the square input images; 0 means the dataset's usual size (84, or 28 for glyphs)."""
+    """Side of the square input images; 0 means the dataset's usual size (84, or 28 for glyphs).
+    data.name=folder needs it set: every image is resized (not cropped) to this side."""
+    grayscale: bool = False
+    """data.name=folder only: read images as one grey channel (else as RGB colour)."""
+    normalize: Literal["auto", "imagenet", "train", "none"] = "auto"
+    """Input normalisation: imagenet (mean/std of ImageNet, colour only), train (per-channel
+    mean/std of the train split, computed once and recorded in data.root; data.name=folder only),
+    none (pixels in [0, 1]), or auto: the dataset's usual (ImageNet for the colour datasets, none
+    for glyphs and Omniglot, train for folder)."""
     num_ways: int = 5
     """Classes per task (N)."""
     num_shots: int = 1
@@ -92,10 +103,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["conv4", "resnet12"] = "conv4"
-    """Backbone: Conv4 (4 conv blocks) or ResNet-12 (4 residual blocks)."""
+    arch: str = "conv4"
+    """Backbone: conv4 (4 conv blocks), resnet12 (4 residual blocks), or your own as
+    `module:Class` or `path/to/file.py:Class`: an nn.Module built as Class(in_channels=,
+    num_ways=, image_size=) with a `head` nn.Linear (see README, "Your own backbone")."""
     widths: tuple[int, ...] = (32, 32, 32, 32)
-    """Channels of the four blocks. Paper: conv4 64-64-64-64, resnet12 64-128-256-512 or 64-160-320-640."""
+    """Channels of the four blocks of conv4 / resnet12 (a backbone of your own ignores them).
+    Paper: conv4 64-64-64-64, resnet12 64-128-256-512 or 64-160-320-640."""
 
 
 @dataclass(frozen=True)
@@ -433,6 +447,8 @@ def validate(config: Config) -> None:
                        "data.synthetic_seed": d.synthetic_seed}.items():
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value}")
+    _validate_arch(m.arch)
+    _validate_folder(d)
     if m.arch == "conv4" and 0 < d.image_size < 16:
         # Four 2x2 max-pools: 16 is the smallest side that leaves a 1x1 feature map.
         raise ConfigError(f"data.image_size: model.arch=conv4 needs at least 16 pixels (or 0 for the "
@@ -476,6 +492,38 @@ def _validate_implementation(o: OuterConfig, i: InnerConfig) -> None:
     if o.checkpoint_inner_steps and i.first_order:
         raise ConfigError("outer.checkpoint_inner_steps saves memory of second-order runs only "
                           "(a first-order run keeps no inner graph): set inner.first_order=false")
+
+
+def _validate_arch(arch: str) -> None:
+    """A built-in backbone, or `module:Class` naming an importable nn.Module (imported here)."""
+    from .models import MODELS, load_backbone_class  # local import: models imports this module
+
+    if ":" in arch:
+        load_backbone_class(arch)
+    elif arch not in MODELS:
+        raise ConfigError(f"model.arch: {arch!r} is not allowed; choose one of "
+                          f"{', '.join(repr(a) for a in MODELS)} or a backbone of your own as "
+                          "module:Class or path/to/file.py:Class")
+
+
+def _validate_folder(d: DataConfig) -> None:
+    """The settings that only a dataset of your own (data.name=folder) takes."""
+    if d.name == "folder":
+        if d.image_size == 0:
+            raise ConfigError("data.image_size: data.name=folder needs the side images are resized "
+                              "to, e.g. data.image_size=84 (images of any size are accepted)")
+        if d.download:
+            raise ConfigError("data.download: data.name=folder reads your own folder; there is "
+                              "nothing to download")
+        if d.grayscale and d.normalize == "imagenet":
+            raise ConfigError("data.normalize=imagenet needs colour images, but data.grayscale=true: "
+                              "use data.normalize=train or none")
+        return
+    if d.grayscale:
+        raise ConfigError(f"data.grayscale: only data.name=folder takes it (data.name={d.name})")
+    if d.normalize == "train":
+        raise ConfigError(f"data.normalize=train: only data.name=folder computes train statistics "
+                          f"(data.name={d.name}); choose auto, imagenet or none")
 
 
 def _validate_run(r: RunConfig) -> None:

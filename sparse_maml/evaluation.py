@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .config import Config
-from .data import EpisodeDataset, build_episodes, build_split, episode_loader
+from .data import EpisodeDataset, FewShotSplit, build_episodes, build_split, episode_loader
 from .meta_learner import MetaLearner, build_meta_learner
 from .runtime import resolve_device, seed_everything
 
@@ -53,32 +53,53 @@ def evaluate(learner: MetaLearner, episodes: EpisodeDataset, num_tasks: int, tas
     return distributed.gather_blocks(local, [sum(sizes[b] for b in r) for r in blocks]).numpy()
 
 
+def restore_learner(config: Config, path: Path, in_channels: int, image_size: int,
+                    device: torch.device) -> tuple[MetaLearner, dict]:
+    """The meta-learner built from `config` with the weights of checkpoint `path` (best.pt or a
+    numbered one), and the checkpoint's contents.
+
+    Under torchrun rank 0 reads the file and sends it to the others (no shared folder needed).
+    """
+    learner = build_meta_learner(config, in_channels, image_size).to(device)
+    if distributed.is_distributed():
+        state = distributed.on_main(checkpoint.load, Path(path), map_location="cpu")
+    else:
+        state = checkpoint.load(Path(path), map_location=device)
+    try:
+        learner.load_state_dict(state["learner"])
+    except RuntimeError as err:
+        raise checkpoint.CheckpointError(
+            f"{path} does not fit the model built from the config "
+            f"(did an override change model.*, data.num_ways or the input channels?): {err}") from err
+    return learner, state
+
+
+def evaluate_split(learner: MetaLearner, config: Config, data_split: FewShotSplit,
+                   device: torch.device, num_tasks: Optional[int] = None,
+                   steps: Optional[int] = None) -> np.ndarray:
+    """Accuracies on the fixed tasks of `data_split` (default: train.num_test_tasks tasks,
+    inner.eval_steps steps), as test.py scores them."""
+    # Reseeded here so sparse-MAML+'s per-task noise is the same whoever calls (test.py, the API).
+    seed_everything(config.run.seed, config.run.deterministic)
+    episodes = build_episodes(config.data, data_split, EVAL_SEED, augment=False, device=device)
+    return evaluate(learner, episodes, num_tasks or config.train.num_test_tasks,
+                    config.train.eval_batch_size, steps or config.inner.eval_steps, device,
+                    config.data.num_workers,
+                    desc=f"test {config.data.name}/{data_split.split}" if config.run.progress else None)
+
+
 def test_checkpoint(config: Config, run_dir: Path, split: str = "test",
                     device: Optional[torch.device] = None) -> tuple[np.ndarray, dict]:
     """Evaluate a run's best checkpoint on `config.train.num_test_tasks` fixed tasks of `split`.
 
-    Under torchrun rank 0 reads best.pt and sends it to the others (no shared folder needed), and
-    the tasks are split across the processes.
+    Under torchrun the tasks are split across the processes.
     """
     device = device or resolve_device(config.run.device)
     seed_everything(config.run.seed, config.run.deterministic)
     data_split = build_split(config.data, split)
     image_size = config.data.image_size or data_split.native_size
-    learner = build_meta_learner(config, data_split.channels, image_size).to(device)
-    if distributed.is_distributed():
-        state = distributed.on_main(checkpoint.load, Path(run_dir) / checkpoint.BEST,
-                                    map_location="cpu")
-    else:
-        state = checkpoint.load(Path(run_dir) / checkpoint.BEST, map_location=device)
-    try:
-        learner.load_state_dict(state["learner"])
-    except RuntimeError as err:
-        raise checkpoint.CheckpointError(
-            f"{Path(run_dir) / checkpoint.BEST} does not fit the model built from the config "
-            f"(did an override change model.*, data.num_ways or the input channels?): {err}") from err
-    episodes = build_episodes(config.data, data_split, EVAL_SEED, augment=False, device=device)
-    accs = evaluate(learner, episodes, config.train.num_test_tasks, config.train.eval_batch_size,
-                    config.inner.eval_steps, device, config.data.num_workers,
-                    desc=f"test {config.data.name}/{split}" if config.run.progress else None)
+    learner, state = restore_learner(config, Path(run_dir) / checkpoint.BEST, data_split.channels,
+                                     image_size, device)
+    accs = evaluate_split(learner, config, data_split, device)
     return accs, {"epoch": state.get("epoch"), "val_accuracy": state.get("val_accuracy"),
                   "sparsity": learner.mask_sparsity()}

@@ -16,7 +16,7 @@ from .data import Task
 from .inner_loop import (Params, UpdateRule, adapt_batched, adapt_reference, inner_parameter_names,
                          query_logits_batched)
 from .masks import MASK_FUNCTIONS, LearnedMask, MaskGenerator, sparsity
-from .models import build_model, conv_weight_names
+from .models import build_model, check_generator, conv_weight_names
 
 
 class MetaLearner(nn.Module):
@@ -202,6 +202,8 @@ def build_meta_learner(config: Config, in_channels: int, image_size: int) -> Met
     """Backbone and masks as configured (seed torch first for a reproducible init)."""
     model = build_model(config.model.arch, in_channels, config.data.num_ways, image_size,
                         config.model.widths)
+    if config.inner.mask_generator:
+        check_generator(model, config.model.arch)
     learner = MetaLearner(model, config)
     learner.in_channels, learner.image_size = in_channels, image_size  # the inputs it was built for
     return learner

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 
 from .base import DataError, FewShotSplit, Task
+from .folder import open_folder
+from .normalization import configure_normalization
 from .episodes import (DeviceEpisodeDataset, EpisodeDataset, EpisodePlan, check_episode_sizes,
                        episode_loader, stack_tasks, task_seed)
 from .imagenet import MINI_LAYOUTS, TIERED_LAYOUTS
@@ -48,20 +50,25 @@ def open_split(name: str, root: str | Path, split: str, layout: str = "auto",
 
 
 def build_split(data, split: str) -> FewShotSplit:
-    """The FewShotSplit named by a DataConfig (`data.name`, `data.root`, `data.layout`)."""
+    """The FewShotSplit named by a DataConfig (`data.name`, `data.root`, `data.layout`), normalised
+    as `data.normalize` asks."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if data.name == "synthetic":
-        return SyntheticGlyphs(split, seed=data.synthetic_seed)
+        return configure_normalization(SyntheticGlyphs(split, seed=data.synthetic_seed), data)
+    if data.name == "folder":
+        opened = open_folder(data.root, split, 1 if data.grayscale else 3, data.image_size)
+        return configure_normalization(opened, data)
     try:
-        return open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
+        opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
     except DataError:
         if not data.download:
             raise
-    from .download import prepare
+        from .download import prepare
 
-    prepare(data.name, data.root)
-    return open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
+        prepare(data.name, data.root)
+        opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
+    return configure_normalization(opened, data)
 
 
 def check_present(data, split: str) -> None:
@@ -102,7 +109,7 @@ def build_episodes(data, split: FewShotSplit, seed: int, augment: bool,
     accelerator if any) and episodes are gathered there; the episodes are the same either way.
     """
     size = data.image_size or split.native_size
-    transform = EpisodeTransform(size, split.channels, split.normalize, augment)
+    transform = EpisodeTransform(size, split.channels, split.normalize, augment, split.mean, split.std)
     if getattr(data, "on_device", False):
         return DeviceEpisodeDataset(split, data.num_ways, data.num_shots, data.num_query, seed,
                                     transform, device if device is not None else default_device())

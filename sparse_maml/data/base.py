@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
 
 class DataError(RuntimeError):
     """A dataset that is missing, incomplete or unreadable; the message names the file or folder."""
@@ -51,7 +53,10 @@ class FewShotSplit:
     native_size: int = 84
     """The side images are resized to when data.image_size is 0."""
     normalize: bool = True
-    """Whether to apply ImageNet mean/std normalisation (colour photographs)."""
+    """Whether to normalise with `mean` and `std` (colour photographs)."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    """Per-channel statistics of the normalisation (ImageNet's unless data.normalize=train)."""
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +99,14 @@ def to_chw(array: np.ndarray, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))  # a writable copy
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grey images (PNG, TIFF) scaled to 8 bits: PIL's convert would clip them at 255."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        scaled = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+    return image
+
+
 def decode_image(data: bytes | str | Path, channels: int, where: str,
                  box: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Decode an image file (a path or its bytes) to uint8 (channels, H, W), cropped to `box`.
@@ -104,7 +117,7 @@ def decode_image(data: bytes | str | Path, channels: int, where: str,
     try:
         source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         with Image.open(source) as image:
-            image = image.convert("RGB" if channels == 3 else "L")
+            image = _eight_bit(image).convert("RGB" if channels == 3 else "L")
             if box is not None:
                 x1, y1, x2, y2 = (int(v) for v in box)
                 x1, y1 = max(x1, 0), max(y1, 0)

@@ -22,13 +22,14 @@ AUGMENT_JITTER = 0.4  # brightness, contrast and saturation factors drawn from [
 class EpisodeTransform:
     """Resize to `size`, scale to [0, 1], optionally augment, optionally normalise."""
 
-    def __init__(self, size: int, channels: int, normalize: bool, augment: bool):
+    def __init__(self, size: int, channels: int, normalize: bool, augment: bool,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         self.size = size
         self.channels = channels
-        self.normalize = normalize and channels == 3
+        self.normalize = normalize and channels == len(mean)
         self.augment = augment
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 (C, H, W) -> float (C, size, size)."""

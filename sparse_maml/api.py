@@ -1,0 +1,227 @@
+"""Use a trained run from Python: load it, adapt it to new tasks, predict, read its masks, evaluate.
+
+    from sparse_maml.api import Learner
+
+    learner = Learner.load("runs/my_run")                 # config, theta and masks of best.pt
+    support_x = learner.prepare(support_images)            # uint8 pixels, or image files
+    fast = learner.adapt(support_x, support_y)             # inner steps on one task's support set
+    labels = learner.predict(fast, learner.prepare(query_images)).argmax(-1)
+    learner.masks()                                        # {parameter name: mask tensor}
+    learner.evaluate(tasks)                                # mean +- 95% interval, as test.py reports
+
+Loading, the fixed test tasks and the scoring are the functions test.py uses (evaluation.py), so
+the two report the same numbers for the same checkpoint and settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.func import functional_call
+from torch.utils.data import Dataset
+
+from . import checkpoint
+from .config import Config, ConfigError, load_config, read_yaml
+from .data import EpisodeDataset, EpisodeTransform, FewShotSplit, Task, build_episodes, build_split
+from .data.base import decode_image
+from .evaluation import EVAL_SEED, evaluate, evaluate_split, restore_learner
+from .inner_loop import Params, adapt_reference
+from .meta_learner import MetaLearner
+from .run_log import CONFIG
+from .runtime import mean_confidence_interval, resolve_device, seed_everything
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Query accuracy over a list of tasks: mean, half-width of the 95% interval, per task."""
+
+    mean: float
+    ci95: float
+    accuracies: np.ndarray
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2%} +- {self.ci95:.2%} (95% CI over {len(self.accuracies)} tasks)"
+
+
+class TaskList(Dataset):
+    """A list of single tasks as the episode source evaluation.evaluate reads."""
+
+    on_device = False
+
+    def __init__(self, tasks: Sequence[Task]):
+        # Kept on the CPU: the loader batches (and may pin) them, evaluate() moves each batch.
+        self.tasks = [Task(*t).to(torch.device("cpu")) for t in tasks]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, index: int) -> Task:
+        return self.tasks[index]
+
+
+class Learner:
+    """A trained meta-learner ready for new tasks: its config, theta, masks and input transform."""
+
+    def __init__(self, meta: MetaLearner, config: Config, train_split: FewShotSplit,
+                 device: torch.device, state: Optional[dict] = None):
+        self.meta = meta
+        self.config = config
+        self.device = device
+        self.channels = train_split.channels
+        self.image_size = config.data.image_size or train_split.native_size
+        # The training inputs' transform without augmentation: resize, scale, normalise.
+        self.transform = EpisodeTransform(self.image_size, self.channels, train_split.normalize,
+                                          False, train_split.mean, train_split.std)
+        self.checkpoint_info = {k: v for k, v in (state or {}).items() if k != "learner"}
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Sequence[str] = (),
+             device: Optional[str] = None) -> "Learner":
+        """A run folder (its best.pt) or a checkpoint file inside one, with its config.yaml plus
+        dotted `overrides` (e.g. "inner.eval_steps=50"); device defaults to the run's run.device.
+
+        The run's dataset is opened (not read) to learn the input channels, size and normalisation;
+        pass "data.root=..." if it has moved. Seeds Python, NumPy and torch with run.seed, as
+        test.py does.
+        """
+        path = Path(path)
+        run_dir, file = (path, path / checkpoint.BEST) if path.is_dir() else (path.parent, path)
+        if not (run_dir / CONFIG).is_file():
+            raise ConfigError(f"{run_dir / CONFIG} is missing: Learner.load takes a run folder written "
+                              "by train.py, or a checkpoint file inside one")
+        config = load_config(None, list(overrides), base=read_yaml(run_dir / CONFIG))
+        resolved = resolve_device(device or config.run.device)
+        seed_everything(config.run.seed, config.run.deterministic)  # as test.py: same init draws
+        train_split = build_split(config.data, "train")
+        image_size = config.data.image_size or train_split.native_size
+        meta, state = restore_learner(config, file, train_split.channels, image_size, resolved)
+        return cls(meta, config, train_split, resolved, state)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Learner({c.model.arch}, {c.data.num_ways}-way, inputs {self.channels}x"
+                f"{self.image_size}x{self.image_size}, mask {c.inner.mask}, "
+                f"{len(self.meta.inner_names)} tensors adapt, {c.inner.eval_steps} inner steps "
+                f"of {c.inner.step_size}, device {self.device})")
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The backbone holding theta (use adapt/predict to run it with adapted weights)."""
+        return self.meta.model
+
+    @property
+    def num_ways(self) -> int:
+        """Classes per task the head was built for; task labels are 0..num_ways-1."""
+        return self.config.data.num_ways
+
+    def prepare(self, images: torch.Tensor | Sequence[torch.Tensor | str | Path]) -> torch.Tensor:
+        """Model inputs (N, C, S, S) from uint8 pixels (N, C, H, W), or from a list of uint8
+        (C, H, W) images of any sizes or image files: converted to the run's channels (files),
+        resized and normalised as in training (no augmentation)."""
+        pictures = []
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor):
+                image = decode_image(image, self.channels, str(image))
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != self.channels:
+                raise ValueError(f"prepare: image {i} must be uint8 pixels ({self.channels}, H, W), "
+                                 f"got {image.dtype} {tuple(image.shape)}")
+            pictures.append(image.cpu())
+        if not pictures:
+            raise ValueError("prepare: no images")
+        return torch.stack([self.transform.apply(p, None) for p in pictures]).to(self.device)
+
+    def dataset(self, split: str = "test") -> FewShotSplit:
+        """One split of the run's dataset: raw uint8 images by class (split.load(label, index))."""
+        return build_split(self.config.data, split)
+
+    def episodes(self, split: str = "test") -> EpisodeDataset:
+        """The fixed tasks test.py scores: episodes(split)[i] is task i, ready for adapt."""
+        return build_episodes(self.config.data, self.dataset(split), EVAL_SEED, augment=False,
+                              device=self.device)
+
+    # -- adaptation --------------------------------------------------------------------------
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,
+              steps: Optional[int] = None) -> Params:
+        """Weights adapted to one task: `steps` (default inner.eval_steps) masked inner steps on
+        the support set, prepared inputs (N, C, S, S) with labels (N,) in 0..num_ways-1."""
+        x, y = self._check_inputs(support_x, "support_x"), support_y.to(self.device)
+        if y.shape != (x.shape[0],) or y.dtype != torch.int64:
+            raise ValueError(f"support_y must be int64 labels of shape ({x.shape[0]},), got "
+                             f"{y.dtype} {tuple(y.shape)}")
+        if int(y.min()) < 0 or int(y.max()) >= self.num_ways:
+            raise ValueError(f"support_y holds labels {int(y.min())}..{int(y.max())}; the head has "
+                             f"{self.num_ways} classes (0..{self.num_ways - 1})")
+        meta = self.meta
+        with torch.no_grad():
+            shared, per_task = meta.draw_masks(1)  # sparse-MAML+: a fresh mask for this task
+            masks = {**shared, **{n: m[0] for n, m in per_task.items()}}
+            params = {n: p.detach() for n, p in meta.model.named_parameters()}
+        return adapt_reference(meta.model, params, meta.inner_names, masks, meta.rule, x, y,
+                               steps or self.config.inner.eval_steps, meta.first_order,
+                               track_outer=False)
+
+    def predict(self, weights: Params, query_x: torch.Tensor) -> torch.Tensor:
+        """Logits (M, num_ways) of the adapted `weights` on prepared query inputs (M, C, S, S).
+
+        BatchNorm normalises with the statistics of the batch, as in training and test.py: pass a
+        task's query images together.
+        """
+        x = self._check_inputs(query_x, "query_x")
+        with torch.no_grad():
+            return functional_call(self.meta.model, weights, (x,), strict=True)
+
+    def _check_inputs(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        expected = (self.channels, self.image_size, self.image_size)
+        if not torch.is_floating_point(x) or x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{name} must be prepared float inputs of shape (N, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}) (see Learner.prepare), got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        return x.to(self.device)
+
+    # -- masks -------------------------------------------------------------------------------
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """m = f(phi) per masked parameter (CPU tensors, the parameter's shape): 0/1 for
+        sparse-MAML, per-weight learning rates for the lr variants, one fresh draw for
+        sparse-MAML+; empty without a mask."""
+        with torch.no_grad():
+            shared, per_task = self.meta.draw_masks(1)
+        values = {**shared, **{n: m[0] for n, m in per_task.items()}}
+        return {n: values[n].detach().cpu() for n in self.meta.inner_names if n in values}
+
+    def sparsity(self) -> dict[str, float]:
+        """Fraction of entries with inner learning off, per masked parameter and overall ("mean")."""
+        return self.meta.mask_sparsity()
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, tasks: Sequence[Task], steps: Optional[int] = None) -> Evaluation:
+        """Query accuracy of each task after adaptation (default inner.eval_steps steps), with
+        the mean and 95% interval test.py reports. Tasks hold prepared inputs (see Task)."""
+        tasks = TaskList(tasks)
+        if not len(tasks):
+            raise ValueError("evaluate: no tasks")
+        for i, task in enumerate(tasks.tasks):
+            self._check_inputs(task.support_x, f"task {i}: support_x")
+            self._check_inputs(task.query_x, f"task {i}: query_x")
+        shapes = {tuple(tuple(t.shape) for t in task) for task in tasks.tasks}
+        # Tasks of different sizes cannot be stacked: adapt them one at a time.
+        per_batch = self.config.train.eval_batch_size if len(shapes) == 1 else 1
+        accs = evaluate(self.meta, tasks, len(tasks), per_batch,
+                        steps or self.config.inner.eval_steps, self.device)
+        return Evaluation(*mean_confidence_interval(accs), accuracies=accs)
+
+    def test(self, split: str = "test", num_tasks: Optional[int] = None,
+             steps: Optional[int] = None) -> Evaluation:
+        """The fixed tasks of `split` scored exactly as `test.py RUN --split SPLIT` scores them
+        (default train.num_test_tasks tasks, inner.eval_steps steps); reseeds with run.seed."""
+        accs = evaluate_split(self.meta, self.config, self.dataset(split), self.device, num_tasks,
+                              steps)
+        return Evaluation(*mean_confidence_interval(accs), accuracies=accs)
