@@ -234,3 +234,15 @@ def test_train_and_test_on_a_generated_folder_dataset_through_the_cli(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert test.returncode == 0, test.stderr[-3000:]
     assert re.search(r"folder/val: [\d.]+% \+- [\d.]+% \(95% CI over 6 tasks", test.stdout)
+
+
+def test_a_missing_split_is_found_before_training(tmp_path):
+    """train.py checks every split it will need up front: for a folder dataset, by listing it."""
+    from sparse_maml.data import check_present
+
+    write_dataset(tmp_path / "data")
+    config = folder_config(tmp_path / "data")
+    check_present(config, "test")
+    (tmp_path / "data" / "test").rename(tmp_path / "data" / "elsewhere")
+    with pytest.raises(DataError, match="test split folder"):
+        check_present(config, "test")

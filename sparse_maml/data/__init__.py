@@ -76,6 +76,9 @@ def check_present(data, split: str) -> None:
     names is on disk; reads no image. A dataset still to be downloaded (data.download) passes."""
     if data.name == "synthetic" or data.download:
         return
+    if data.name == "folder":  # lists the class folders and their files
+        open_folder(data.root, split, 1 if data.grayscale else 3, data.image_size)
+        return
     locate(data.name, Path(data.root), split, dataset_layouts(data.name, data.omniglot_rotations),
            data.layout)
 
