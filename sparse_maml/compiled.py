@@ -134,7 +134,7 @@ class CompiledAdaptation:
     def __init__(self, mode: str = "default"):
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
-        self.mode = mode
+        self.cuda_graphs = mode == "reduce-overhead"
         self.compile_events: list[tuple[str, float]] = []
         self.inner_step = CompiledGraph(inner_step, mode, self.compile_events)
         self.query_pass = CompiledGraph(query_pass, mode, self.compile_events)
@@ -146,14 +146,14 @@ class CompiledAdaptation:
         self.compile_events.clear()
         return events
 
-    def _fresh(self, tensors: Params) -> Params:
-        """Under CUDA graphs an output is overwritten by the next replay: keep a private copy."""
-        if self.mode != "reduce-overhead":
-            return tensors
-        return {n: t.clone() for n, t in tensors.items()}
-
-    def _fresh_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.clone() if self.mode == "reduce-overhead" else tensor
+    def _kept(self, value):
+        """Under CUDA graphs an output is overwritten by the next replay: keep a private copy
+        (of a tensor, or of each tensor of a dict)."""
+        if not self.cuda_graphs:
+            return value
+        if isinstance(value, dict):
+            return {n: t.clone() for n, t in value.items()}
+        return value.clone()
 
     def __call__(self, model: nn.Module, params: Params, inner_names: list[str],
                  masks: list[Params], rule: UpdateRule, support_x: torch.Tensor,
@@ -175,20 +175,19 @@ class CompiledAdaptation:
                 for _ in range(steps):
                     fast, grads = self.inner_step(model, frozen, fast, task_masks, support_x[j],
                                                   support_y[j], rule)
-                    fast, grads = self._fresh(fast), self._fresh(grads)
+                    fast, grads = self._kept(fast), self._kept(grads)
                     if rule.linear_in_gradient:
                         torch._foreach_add_(list(summed.values()), list(grads.values()))
                     else:
                         trajectory.append(grads)
                 if not track_outer:
-                    out = self._fresh_tensor(self.query_logits(model, {**frozen, **fast}, query_x[j]))
+                    out = self._kept(self.query_logits(model, {**frozen, **fast}, query_x[j]))
                     losses.append(F.cross_entropy(out, query_y[j]))
                     logits.append(out)
                     continue
                 query_grads, loss, out = self.query_pass(model, {**frozen, **fast}, query_x[j],
                                                          query_y[j])
-                query_grads = self._fresh(query_grads)
-                loss, out = self._fresh_tensor(loss), self._fresh_tensor(out)
+                query_grads, loss, out = map(self._kept, (query_grads, loss, out))
             adapted = self._outer_graph(params, inner_names, masks[j], rule, summed, trajectory)
             names = [n for n in params if params[n].requires_grad or n in adapted]
             weights = [adapted.get(n, params[n]) for n in names]

@@ -4,7 +4,6 @@ only beside their protocol, nothing left out or pooled silently, damaged logs, f
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
