@@ -23,6 +23,12 @@ largest entry, eager fp32 being on the other side by chance. So the exactness te
 compiled graphs in float64 against a float64 reference (tests/test_compiled.py), where no such flip
 happens, and the fp32 equality tests use well-conditioned tasks.
 
+On a multi-core CPU the tasks of a meta-batch run on worker threads, one core each (`task_pool`):
+the graphs are compiled with inductor's C++ wrapper, which releases the GIL for the whole graph, so
+tasks run truly in parallel. Small per-task kernels use one core better than they split over
+several: on 2 cores the compiled step was 1.4x the reference with two intra-op threads per task,
+2x with a task per core (and glibc kept from trimming freed memory, `keep_freed_memory`).
+
 Graphs are keyed by structure, not by module instance: every model of the same architecture, inner
 set, update rule and input shapes shares them (dynamo inlines nn.Modules), which also keeps the
 test suite's compile time down. Compilation time is recorded per graph (`compile_events`); the
@@ -31,8 +37,14 @@ inductor's on-disk caches (`cache_dir`) make a second run with the same shapes c
 
 from __future__ import annotations
 
+import contextvars
+import ctypes
+import functools
+import threading
 import time
-from typing import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -105,17 +117,19 @@ class QueryLoss(torch.autograd.Function):
 class CompiledGraph:
     """torch.compile(fn) that records how long each call that compiled a new graph took."""
 
-    def __init__(self, fn: Callable, mode: str, events: list[tuple[str, float]]):
+    def __init__(self, fn: Callable, mode: str, device_type: str, events: list[tuple[str, float]]):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                    RECOMPILE_LIMIT)
         self.name = fn.__name__
         self.events = events
         self.cuda_graphs = mode == "reduce-overhead"
-        # CPU: inductor's channels-last layout for convolutions made these small convs 3-4x
-        # slower (torch 2.14, measured); keep NCHW.
+        options = None
+        if mode == "default" and device_type == "cpu":
+            # Channels-last convolutions made these small convs 3-4x slower (torch 2.14,
+            # measured): keep NCHW. The C++ wrapper runs the graph without the GIL (task_pool).
+            options = {"layout_optimization": False, "cpp_wrapper": True}
         self.fn = torch.compile(fn, fullgraph=True, dynamic=False,
-                                mode=None if mode == "default" else mode,
-                                options=None if mode != "default" else {"layout_optimization": False})
+                                mode=None if mode == "default" else mode, options=options)
 
     def __call__(self, *args):
         if self.cuda_graphs:  # the caller copies what it keeps of the previous replay's outputs
@@ -128,17 +142,79 @@ class CompiledGraph:
         return out
 
 
+def keep_freed_memory() -> None:
+    """glibc's malloc: stop giving freed memory back to the OS after every task.
+
+    By default glibc trims a thread's heap as soon as a task's activations are freed, so the next
+    task page-faults them in again; on worker threads this cost the compiled step 15-20% (2-core
+    CPU, measured). Fixed thresholds (large blocks from the heap up to 32 MiB, trim beyond 64 MiB
+    free) keep the memory. No effect where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 64 << 20)
+
+
+@functools.cache
+def task_pool(workers: int) -> ThreadPoolExecutor:
+    """`workers` threads for the tasks of a meta-batch on CPU, each with one intra-op thread."""
+    keep_freed_memory()
+    caller_threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="compiled-task")
+    all_started = threading.Barrier(workers)  # so that each call below gets its own thread
+
+    def use_one_intra_op_thread() -> None:
+        # A thread takes the process's count at its first use of torch's thread pool, which would
+        # undo a setting made before it: use it first, then set one thread.
+        torch.get_num_threads()
+        torch.set_num_threads(1)
+        all_started.wait()
+
+    for future in [pool.submit(use_one_intra_op_thread) for _ in range(workers)]:
+        future.result()
+    # set_num_threads also set the count that threads started later begin with: restore it
+    torch.set_num_threads(caller_threads)
+    return pool
+
+
+class Graphs:
+    """The three compiled functions for one device type (their options depend on it)."""
+
+    def __init__(self, mode: str, device_type: str, events: list[tuple[str, float]]):
+        self.inner_step = CompiledGraph(inner_step, mode, device_type, events)
+        self.query_pass = CompiledGraph(query_pass, mode, device_type, events)
+        self.query_logits = CompiledGraph(query_logits, mode, device_type, events)
+
+
+@dataclass
+class TaskPass:
+    """What one task's compiled pass returns: query loss and logits and, for an outer gradient,
+    the query gradient at the adapted weights and the inner gradients (summed or per step)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    query_grads: Optional[Params] = None
+    summed: Optional[Params] = None
+    trajectory: Optional[list[Params]] = None
+
+
 class CompiledAdaptation:
     """Adapts and scores tasks with the compiled graphs (first-order outer gradients only)."""
 
     def __init__(self, mode: str = "default"):
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        self.mode = mode
         self.cuda_graphs = mode == "reduce-overhead"
         self.compile_events: list[tuple[str, float]] = []
-        self.inner_step = CompiledGraph(inner_step, mode, self.compile_events)
-        self.query_pass = CompiledGraph(query_pass, mode, self.compile_events)
-        self.query_logits = CompiledGraph(query_logits, mode, self.compile_events)
+        self._graphs: dict[str, Graphs] = {}
+        # call signatures (shapes, dtype, device, steps > 0, track_outer) already run: a new one
+        # runs its first task alone, so that concurrent tasks never compile the same graph twice
+        self._seen: set[tuple] = set()
 
     def take_compile_events(self) -> list[tuple[str, float]]:
         """(graph, seconds) for every graph compiled since the last call."""
@@ -165,35 +241,83 @@ class CompiledAdaptation:
         track_outer the losses carry the first-order outer gradient to params and masks.
         """
         frozen = {n: p.detach() for n, p in params.items() if n not in inner_names}
+        theta = {n: params[n].detach() for n in inner_names}
+
+        graphs = self._graphs_for(support_x.device.type)
+        autocast = (support_x.device.type, torch.is_autocast_enabled(support_x.device.type),
+                    torch.get_autocast_dtype(support_x.device.type))
+
+        def run(j: int) -> TaskPass:
+            # autocast is thread-local: a worker thread takes the caller's setting
+            with torch.autocast(autocast[0], autocast[2], enabled=autocast[1]):
+                task_masks = {n: m.detach() for n, m in masks[j].items()}
+                return self._task_pass(graphs, model, frozen, theta, task_masks, rule,
+                                       support_x[j], support_y[j], query_x[j], query_y[j], steps,
+                                       track_outer)
+
+        signature = (support_x.shape, query_x.shape, support_x.dtype, support_x.device,
+                     steps > 0, track_outer)
+        passes = self._run_tasks(run, support_x.shape[0], signature)
         losses, logits = [], []
-        for j in range(support_x.shape[0]):
-            task_masks = {n: m.detach() for n, m in masks[j].items()}
-            fast = {n: rule.initial(params[n], task_masks.get(n)).detach() for n in inner_names}
-            summed = {n: torch.zeros_like(p) for n, p in fast.items()}
-            trajectory: list[Params] = []
-            with torch.no_grad():
-                for _ in range(steps):
-                    fast, grads = self.inner_step(model, frozen, fast, task_masks, support_x[j],
-                                                  support_y[j], rule)
-                    fast, grads = self._kept(fast), self._kept(grads)
-                    if rule.linear_in_gradient:
-                        torch._foreach_add_(list(summed.values()), list(grads.values()))
-                    else:
-                        trajectory.append(grads)
-                if not track_outer:
-                    out = self._kept(self.query_logits(model, {**frozen, **fast}, query_x[j]))
-                    losses.append(F.cross_entropy(out, query_y[j]))
-                    logits.append(out)
-                    continue
-                query_grads, loss, out = self.query_pass(model, {**frozen, **fast}, query_x[j],
-                                                         query_y[j])
-                query_grads, loss, out = map(self._kept, (query_grads, loss, out))
-            adapted = self._outer_graph(params, inner_names, masks[j], rule, summed, trajectory)
+        for j, task in enumerate(passes):
+            logits.append(task.logits)
+            if not track_outer:
+                losses.append(task.loss)
+                continue
+            adapted = self._outer_graph(params, inner_names, masks[j], rule, task.summed,
+                                        task.trajectory)
             names = [n for n in params if params[n].requires_grad or n in adapted]
             weights = [adapted.get(n, params[n]) for n in names]
-            losses.append(QueryLoss.apply(loss, *[query_grads[n] for n in names], *weights))
-            logits.append(out)
+            losses.append(QueryLoss.apply(task.loss, *[task.query_grads[n] for n in names],
+                                          *weights))
         return torch.stack(losses), torch.stack(logits)
+
+    def _graphs_for(self, device_type: str) -> Graphs:
+        if device_type not in self._graphs:
+            self._graphs[device_type] = Graphs(self.mode, device_type, self.compile_events)
+        return self._graphs[device_type]
+
+    def _run_tasks(self, run: Callable[[int], TaskPass], tasks: int, signature: tuple
+                   ) -> list[TaskPass]:
+        """run(j) for every task; on a CPU with several threads, on `task_pool`'s workers."""
+        threads = torch.get_num_threads()
+        if signature[3].type != "cpu" or threads < 2 or tasks < 2:
+            return [run(j) for j in range(tasks)]
+        pool = task_pool(threads)
+
+        def submit(j: int) -> Future:
+            # torch's compiler settings are context variables: give the worker the caller's
+            return pool.submit(contextvars.copy_context().run, run, j)
+
+        first = []
+        if signature not in self._seen:  # compiles, if anything does, happen in this one task
+            first = [submit(0).result()]
+            self._seen.add(signature)
+        rest = [submit(j) for j in range(len(first), tasks)]
+        return first + [future.result() for future in rest]
+
+    @torch.no_grad()
+    def _task_pass(self, graphs: Graphs, model: nn.Module, frozen: Params, theta: Params,
+                   masks: Params, rule: UpdateRule, support_x: torch.Tensor,
+                   support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
+                   steps: int, track_outer: bool) -> TaskPass:
+        """One task through the compiled graphs: inner steps, then the query (no autograd)."""
+        fast = {n: rule.initial(p, masks.get(n)) for n, p in theta.items()}
+        summed = {n: torch.zeros_like(p) for n, p in fast.items()}
+        trajectory: list[Params] = []
+        for _ in range(steps):
+            fast, grads = graphs.inner_step(model, frozen, fast, masks, support_x, support_y, rule)
+            fast, grads = self._kept(fast), self._kept(grads)
+            if rule.linear_in_gradient:
+                torch._foreach_add_(list(summed.values()), list(grads.values()))
+            else:
+                trajectory.append(grads)
+        if not track_outer:
+            logits = self._kept(graphs.query_logits(model, {**frozen, **fast}, query_x))
+            return TaskPass(F.cross_entropy(logits, query_y), logits)
+        query_grads, loss, logits = graphs.query_pass(model, {**frozen, **fast}, query_x, query_y)
+        query_grads, loss, logits = map(self._kept, (query_grads, loss, logits))
+        return TaskPass(loss, logits, query_grads, summed, trajectory)
 
     @staticmethod
     def _outer_graph(params: Params, inner_names: list[str], masks: Params, rule: UpdateRule,

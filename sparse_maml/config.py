@@ -164,8 +164,9 @@ class OuterConfig:
     """How a meta-batch is adapted. loop: task after task, first-order runs in closed form (no
     inner graph); vmap: the same math with all tasks in one torch.func.vmap call; compiled
     (first-order only): the inner step and the query pass as torch.compile graphs, compiled once
-    per run (the time is logged; kernels are cached across runs); reference: the plain
-    step-by-step chain of the reference code, which the others are tested against."""
+    per run (the time is logged; kernels are cached across runs), tasks in parallel on worker
+    threads on a multi-core CPU; reference: the plain step-by-step chain of the reference code,
+    which the others are tested against."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode of outer.implementation=compiled; reduce-overhead replays each graph as
     a CUDA graph (CUDA only)."""

@@ -5,9 +5,12 @@ The fp32 equality with the reference for every first-order variant is in test_eq
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from sparse_maml.compiled import CompiledAdaptation
 from sparse_maml.config import ConfigError, load_config
 from sparse_maml.meta_learner import build_meta_learner
 
@@ -78,6 +81,47 @@ def test_graphs_are_compiled_once_per_structure():
     assert all(seconds > 0 for _, seconds in first)
     assert second == []
     assert losses[0] == losses[1]
+
+
+def test_cpu_tasks_run_on_worker_threads_with_the_callers_settings(monkeypatch):
+    """With several CPU threads the tasks of a meta-batch run on worker threads, one intra-op
+    thread each; a worker takes the caller's autocast and compiler settings, and the outer
+    gradients are those of the tasks run one after another on the calling thread."""
+    seen = []
+    task_pass = CompiledAdaptation._task_pass
+
+    def recording_task_pass(self, *args):
+        seen.append((threading.current_thread().name, torch.get_num_threads(),
+                     torch.is_autocast_enabled("cpu"), torch._dynamo.config.recompile_limit))
+        return task_pass(self, *args)
+
+    monkeypatch.setattr(CompiledAdaptation, "_task_pass", recording_task_pass)
+    overrides = ["model.widths=[4,4,4,4]", "inner.step_size=0.05", "inner.steps=2"]
+    tasks = random_tasks(tasks=4)
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            seen.clear()
+            runs[n] = outer_gradients(overrides, "compiled", tasks, image_size=16)[1], list(seen)
+        seen.clear()
+        outer_gradients([*overrides, "outer.precision=bf16"], "compiled", tasks, image_size=16)
+        later = []  # a thread started after the workers keeps the process's thread count
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+    finally:
+        torch.set_num_threads(threads)
+    limit = torch._dynamo.config.recompile_limit
+    (alone, on_caller), (parallel, on_workers) = runs[1], runs[2]
+    assert on_caller == [("MainThread", 1, False, limit)] * 4
+    assert {name for name, *_ in on_workers} == {"compiled-task_0", "compiled-task_1"}
+    assert all(record[1:] == (1, False, limit) for record in on_workers), on_workers
+    assert all(autocast for _, _, autocast, _ in seen) and len(seen) == 4, seen  # bf16 reached them
+    for name in alone:
+        torch.testing.assert_close(parallel[name], alone[name], rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_refuses_second_order_with_reason():

@@ -11,7 +11,8 @@ Interleaving makes the ratios robust to a machine whose load changes; tasks/s is
 rounds, with the device synchronised around every timed step. "peak MiB" is, for each row on its
 own, the most memory allocated during one outer step beyond what was allocated before it
 (activations, graphs, gradients): the CUDA allocator's counters, or on CPU the torch profiler's
-memory timeline.
+memory timeline of a step run with one thread (the profiler sees the calling thread only, so the
+compiled implementation's tasks then run one after another instead of on worker threads).
 """
 
 from __future__ import annotations
@@ -153,7 +154,9 @@ def step_peak_memory(row: Row) -> float:
     """Most memory (MiB) allocated during one outer step beyond what was allocated before it.
 
     CUDA: the caching allocator's own counters. CPU: the torch profiler's memory timeline of the
-    step (tensor allocations seen during it, as the CUDA counters see them).
+    step (tensor allocations seen during it, as the CUDA counters see them), run with one thread
+    because the profiler sees the calling thread only; with N worker threads, the compiled
+    implementation holds up to N tasks' activations at once instead of one.
     """
     if row.device.type == "cuda":
         synchronize(row.device)
@@ -162,9 +165,14 @@ def step_peak_memory(row: Row) -> float:
         row.step()
         return (torch.cuda.max_memory_allocated(row.device) - before) / 2**20
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
-                                with_stack=True) as prof:
-        row.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile(activities=activities, profile_memory=True,
+                                    record_shapes=True, with_stack=True) as prof:
+            row.step()
+    finally:
+        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA; the CPU way in 2.x
         path = Path(folder) / "memory.json"
