@@ -242,7 +242,6 @@ class CompiledAdaptation:
         """
         frozen = {n: p.detach() for n, p in params.items() if n not in inner_names}
         theta = {n: params[n].detach() for n in inner_names}
-
         graphs = self._graphs_for(support_x.device.type)
         autocast = (support_x.device.type, torch.is_autocast_enabled(support_x.device.type),
                     torch.get_autocast_dtype(support_x.device.type))
@@ -257,7 +256,7 @@ class CompiledAdaptation:
 
         signature = (support_x.shape, query_x.shape, support_x.dtype, support_x.device,
                      steps > 0, track_outer)
-        passes = self._run_tasks(run, support_x.shape[0], signature)
+        passes = self._run_tasks(run, support_x.shape[0], support_x.device, signature)
         losses, logits = [], []
         for j, task in enumerate(passes):
             logits.append(task.logits)
@@ -277,11 +276,11 @@ class CompiledAdaptation:
             self._graphs[device_type] = Graphs(self.mode, device_type, self.compile_events)
         return self._graphs[device_type]
 
-    def _run_tasks(self, run: Callable[[int], TaskPass], tasks: int, signature: tuple
-                   ) -> list[TaskPass]:
+    def _run_tasks(self, run: Callable[[int], TaskPass], tasks: int, device: torch.device,
+                   signature: tuple) -> list[TaskPass]:
         """run(j) for every task; on a CPU with several threads, on `task_pool`'s workers."""
         threads = torch.get_num_threads()
-        if signature[3].type != "cpu" or threads < 2 or tasks < 2:
+        if device.type != "cpu" or threads < 2 or tasks < 2:
             return [run(j) for j in range(tasks)]
         pool = task_pool(threads)
 
