@@ -117,7 +117,7 @@ def test_cpu_tasks_run_on_worker_threads_with_the_callers_settings(monkeypatch):
     limit = torch._dynamo.config.recompile_limit
     (alone, on_caller), (parallel, on_workers) = runs[1], runs[2]
     assert on_caller == [("MainThread", 1, False, limit)] * 4
-    assert {name for name, *_ in on_workers} == {"compiled-task_0", "compiled-task_1"}
+    assert all(name.startswith("compiled-task") for name, *_ in on_workers), on_workers
     assert all(record[1:] == (1, False, limit) for record in on_workers), on_workers
     assert all(autocast for _, _, autocast, _ in seen) and len(seen) == 4, seen  # bf16 reached them
     for name in alone:
