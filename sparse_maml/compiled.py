@@ -242,13 +242,14 @@ class CompiledAdaptation:
         """
         frozen = {n: p.detach() for n, p in params.items() if n not in inner_names}
         theta = {n: params[n].detach() for n in inner_names}
-        graphs = self._graphs_for(support_x.device.type)
-        autocast = (support_x.device.type, torch.is_autocast_enabled(support_x.device.type),
-                    torch.get_autocast_dtype(support_x.device.type))
+        device_type = support_x.device.type
+        graphs = self._graphs_for(device_type)
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        autocast_enabled = torch.is_autocast_enabled(device_type)
 
         def run(j: int) -> TaskPass:
             # autocast is thread-local: a worker thread takes the caller's setting
-            with torch.autocast(autocast[0], autocast[2], enabled=autocast[1]):
+            with torch.autocast(device_type, autocast_dtype, enabled=autocast_enabled):
                 task_masks = {n: m.detach() for n, m in masks[j].items()}
                 return self._task_pass(graphs, model, frozen, theta, task_masks, rule,
                                        support_x[j], support_y[j], query_x[j], query_y[j], steps,
