@@ -1,7 +1,6 @@
 """Load a trained run, adapt it to new tasks, predict, read its masks and evaluate.
 
-    pip install -e .                       # once: sparse_maml importable from any folder
-    python examples/api_example.py runs/my_run
+    python examples/api_example.py runs/my_run   # after pip install -r requirements.txt
 
 The README's "Python API" section walks through the same steps.
 """

@@ -25,13 +25,14 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from . import checkpoint
-from .config import Config, ConfigError, load_config, read_yaml
-from .data import EpisodeDataset, EpisodeTransform, FewShotSplit, Task, build_episodes, build_split
+from .checkpoint import rng_states, set_rng_states
+from .config import Config
+from .data import EpisodeDataset, EpisodeTransform, FewShotSplit, Task, build_episodes
 from .data.base import decode_image
-from .evaluation import EVAL_SEED, evaluate, evaluate_split, restore_learner
+from .evaluation import EVAL_SEED, evaluate, evaluate_split, evaluation_split, restore_learner
 from .inner_loop import Params, adapt_reference
 from .meta_learner import MetaLearner
-from .run_log import CONFIG
+from .run_folder import load_run
 from .runtime import mean_confidence_interval, resolve_device, seed_everything
 
 
@@ -79,26 +80,28 @@ class Learner:
         self.checkpoint_info = {k: v for k, v in (state or {}).items() if k != "learner"}
 
     @classmethod
-    def load(cls, path: str | Path, overrides: Sequence[str] = (),
-             device: Optional[str] = None) -> "Learner":
+    def load(cls, path: str | Path, overrides: Sequence[str] = (), device: Optional[str] = None,
+             trust_code: bool = False) -> "Learner":
         """A run folder (its best.pt) or a checkpoint file inside one, with its config.yaml plus
         dotted `overrides` (e.g. "inner.eval_steps=50"); device defaults to the run's run.device.
 
         The run's dataset is opened (not read) to learn the input channels, size and normalisation;
-        pass "data.root=..." if it has moved. Seeds Python, NumPy and torch with run.seed, as
-        test.py does.
+        pass "data.root=..." if it has moved. A backbone the run names as code (file.py:Class,
+        module:Class) is imported only with trust_code=True. The model is built under run.seed, as
+        test.py builds it; the caller's global random generators are left as they were.
         """
         path = Path(path)
         run_dir, file = (path, path / checkpoint.BEST) if path.is_dir() else (path.parent, path)
-        if not (run_dir / CONFIG).is_file():
-            raise ConfigError(f"{run_dir / CONFIG} is missing: Learner.load takes a run folder written "
-                              "by train.py, or a checkpoint file inside one")
-        config = load_config(None, list(overrides), base=read_yaml(run_dir / CONFIG))
+        config = load_run(run_dir, overrides, trust_code)
         resolved = resolve_device(device or config.run.device)
-        seed_everything(config.run.seed, config.run.deterministic)  # as test.py: same init draws
-        train_split = build_split(config.data, "train")
-        image_size = config.data.image_size or train_split.native_size
-        meta, state = restore_learner(config, file, train_split.channels, image_size, resolved)
+        caller_rng = rng_states()
+        try:
+            seed_everything(config.run.seed, config.run.deterministic)  # as test.py: same init draws
+            train_split = evaluation_split(config, "train")
+            image_size = config.data.image_size or train_split.native_size
+            meta, state = restore_learner(config, file, train_split.channels, image_size, resolved)
+        finally:
+            set_rng_states(caller_rng)
         return cls(meta, config, train_split, resolved, state)
 
     def __repr__(self) -> str:
@@ -138,7 +141,7 @@ class Learner:
 
     def dataset(self, split: str = "test") -> FewShotSplit:
         """One split of the run's dataset: raw uint8 images by class (split.load(label, index))."""
-        return build_split(self.config.data, split)
+        return evaluation_split(self.config, split)
 
     def episodes(self, split: str = "test") -> EpisodeDataset:
         """The fixed tasks test.py scores: episodes(split)[i] is task i, ready for adapt."""
@@ -151,21 +154,16 @@ class Learner:
               steps: Optional[int] = None) -> Params:
         """Weights adapted to one task: `steps` (default inner.eval_steps) masked inner steps on
         the support set, prepared inputs (N, C, S, S) with labels (N,) in 0..num_ways-1."""
-        x, y = self._check_inputs(support_x, "support_x"), support_y.to(self.device)
-        if y.shape != (x.shape[0],) or y.dtype != torch.int64:
-            raise ValueError(f"support_y must be int64 labels of shape ({x.shape[0]},), got "
-                             f"{y.dtype} {tuple(y.shape)}")
-        if int(y.min()) < 0 or int(y.max()) >= self.num_ways:
-            raise ValueError(f"support_y holds labels {int(y.min())}..{int(y.max())}; the head has "
-                             f"{self.num_ways} classes (0..{self.num_ways - 1})")
+        x = self._check_inputs(support_x, "support_x")
+        y = self._check_labels(support_y, x.shape[0], "support_y")
+        steps = self._steps(steps)
         meta = self.meta
         with torch.no_grad():
             shared, per_task = meta.draw_masks(1)  # sparse-MAML+: a fresh mask for this task
             masks = {**shared, **{n: m[0] for n, m in per_task.items()}}
             params = {n: p.detach() for n, p in meta.model.named_parameters()}
         return adapt_reference(meta.model, params, meta.inner_names, masks, meta.rule, x, y,
-                               steps or self.config.inner.eval_steps, meta.first_order,
-                               track_outer=False)
+                               steps, meta.first_order, track_outer=False)
 
     def predict(self, weights: Params, query_x: torch.Tensor) -> torch.Tensor:
         """Logits (M, num_ways) of the adapted `weights` on prepared query inputs (M, C, S, S).
@@ -177,8 +175,29 @@ class Learner:
         with torch.no_grad():
             return functional_call(self.meta.model, weights, (x,), strict=True)
 
+    def _steps(self, steps: Optional[int]) -> int:
+        """inner.eval_steps for None; 0 means no adaptation; anything else not a count is refused."""
+        if steps is None:
+            return self.config.inner.eval_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"steps must be a number of inner steps >= 0 (or None for "
+                             f"inner.eval_steps={self.config.inner.eval_steps}), got {steps!r}")
+        return steps
+
+    def _check_labels(self, y: torch.Tensor, count: int, name: str) -> torch.Tensor:
+        """Labels (count,) of dtype int64 in 0..num_ways-1, on the device."""
+        if not isinstance(y, torch.Tensor) or y.shape != (count,) or y.dtype != torch.int64:
+            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"{name} must be int64 labels of shape ({count},), got {got}")
+        if count and (int(y.min()) < 0 or int(y.max()) >= self.num_ways):
+            raise ValueError(f"{name} holds labels {int(y.min())}..{int(y.max())}; the head has "
+                             f"{self.num_ways} classes (0..{self.num_ways - 1})")
+        return y.to(self.device)
+
     def _check_inputs(self, x: torch.Tensor, name: str) -> torch.Tensor:
         expected = (self.channels, self.image_size, self.image_size)
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor (see Learner.prepare), got {type(x).__name__}")
         if not torch.is_floating_point(x) or x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"{name} must be prepared float inputs of shape (N, {expected[0]}, "
                              f"{expected[1]}, {expected[2]}) (see Learner.prepare), got {x.dtype} "
@@ -211,17 +230,22 @@ class Learner:
         for i, task in enumerate(tasks.tasks):
             self._check_inputs(task.support_x, f"task {i}: support_x")
             self._check_inputs(task.query_x, f"task {i}: query_x")
+            self._check_labels(task.support_y, task.support_x.shape[0], f"task {i}: support_y")
+            self._check_labels(task.query_y, task.query_x.shape[0], f"task {i}: query_y")
         shapes = {tuple(tuple(t.shape) for t in task) for task in tasks.tasks}
         # Tasks of different sizes cannot be stacked: adapt them one at a time.
         per_batch = self.config.train.eval_batch_size if len(shapes) == 1 else 1
-        accs = evaluate(self.meta, tasks, len(tasks), per_batch,
-                        steps or self.config.inner.eval_steps, self.device)
+        accs = evaluate(self.meta, tasks, len(tasks), per_batch, self._steps(steps), self.device)
         return Evaluation(*mean_confidence_interval(accs), accuracies=accs)
 
     def test(self, split: str = "test", num_tasks: Optional[int] = None,
              steps: Optional[int] = None) -> Evaluation:
         """The fixed tasks of `split` scored exactly as `test.py RUN --split SPLIT` scores them
         (default train.num_test_tasks tasks, inner.eval_steps steps); reseeds with run.seed."""
+        if num_tasks is not None and (not isinstance(num_tasks, int) or isinstance(num_tasks, bool)
+                                      or num_tasks < 1):
+            raise ValueError(f"num_tasks must be at least 1 (or None for train.num_test_tasks="
+                             f"{self.config.train.num_test_tasks}), got {num_tasks!r}")
         accs = evaluate_split(self.meta, self.config, self.dataset(split), self.device, num_tasks,
-                              steps)
+                              self._steps(steps))
         return Evaluation(*mean_confidence_interval(accs), accuracies=accs)

@@ -38,11 +38,8 @@ inductor's on-disk caches (`cache_dir`) make a second run with the same shapes c
 from __future__ import annotations
 
 import contextvars
-import ctypes
-import functools
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -51,7 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value
 
-from .inner_loop import Params, UpdateRule, cross_entropy
+from .inner_loop import Params, UpdateRule, cross_entropy, first_order_adapted, run_trajectory
+from .runtime import task_pool
 
 # Variants, shapes and the train/eval query pass each add graphs to the same few functions; dynamo's
 # default limit of 8 per function would silently fall back to eager in a test session.
@@ -142,45 +140,6 @@ class CompiledGraph:
         return out
 
 
-def keep_freed_memory() -> None:
-    """glibc's malloc: stop giving freed memory back to the OS after every task.
-
-    By default glibc trims a thread's heap as soon as a task's activations are freed, so the next
-    task page-faults them in again; on worker threads this cost the compiled step 15-20% (2-core
-    CPU, measured). Fixed thresholds (large blocks from the heap up to 32 MiB, trim beyond 64 MiB
-    free) keep the memory. No effect where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 64 << 20)
-
-
-@functools.cache
-def task_pool(workers: int) -> ThreadPoolExecutor:
-    """`workers` threads for the tasks of a meta-batch on CPU, each with one intra-op thread."""
-    keep_freed_memory()
-    caller_threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="compiled-task")
-    all_started = threading.Barrier(workers)  # so that each call below gets its own thread
-
-    def use_one_intra_op_thread() -> None:
-        # A thread takes the process's count at its first use of torch's thread pool, which would
-        # undo a setting made before it: use it first, then set one thread.
-        torch.get_num_threads()
-        torch.set_num_threads(1)
-        all_started.wait()
-
-    for future in [pool.submit(use_one_intra_op_thread) for _ in range(workers)]:
-        future.result()
-    # set_num_threads also set the count that threads started later begin with: restore it
-    torch.set_num_threads(caller_threads)
-    return pool
-
-
 class Graphs:
     """The three compiled functions for one device type (their options depend on it)."""
 
@@ -264,8 +223,10 @@ class CompiledAdaptation:
             if not track_outer:
                 losses.append(task.loss)
                 continue
-            adapted = self._outer_graph(params, inner_names, masks[j], rule, task.summed,
-                                        task.trajectory)
+            task_masks = masks[j]
+            adapted = first_order_adapted(
+                params, inner_names, task_masks.get, rule, task.summed, task.trajectory,
+                lambda: {n: rule.initial(params[n], task_masks.get(n)) for n in inner_names})
             names = [n for n in params if params[n].requires_grad or n in adapted]
             weights = [adapted.get(n, params[n]) for n in names]
             losses.append(QueryLoss.apply(task.loss, *[task.query_grads[n] for n in names],
@@ -302,31 +263,17 @@ class CompiledAdaptation:
                    support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
                    steps: int, track_outer: bool) -> TaskPass:
         """One task through the compiled graphs: inner steps, then the query (no autograd)."""
-        fast = {n: rule.initial(p, masks.get(n)) for n, p in theta.items()}
-        summed = {n: torch.zeros_like(p) for n, p in fast.items()}
-        trajectory: list[Params] = []
-        for _ in range(steps):
-            fast, grads = graphs.inner_step(model, frozen, fast, masks, support_x, support_y, rule)
-            fast, grads = self._kept(fast), self._kept(grads)
-            if rule.linear_in_gradient:
-                torch._foreach_add_(list(summed.values()), list(grads.values()))
-            else:
-                trajectory.append(grads)
+
+        def step(fast: Params) -> tuple[Params, Params]:
+            new, grads = graphs.inner_step(model, frozen, fast, masks, support_x, support_y, rule)
+            return self._kept(new), self._kept(grads)
+
+        start = {n: rule.initial(p, masks.get(n)) for n, p in theta.items()}
+        fast, summed, trajectory = run_trajectory(
+            step, start, steps, keep_steps=track_outer and not rule.linear_in_gradient)
         if not track_outer:
             logits = self._kept(graphs.query_logits(model, {**frozen, **fast}, query_x))
             return TaskPass(F.cross_entropy(logits, query_y), logits)
         query_grads, loss, logits = graphs.query_pass(model, {**frozen, **fast}, query_x, query_y)
         query_grads, loss, logits = map(self._kept, (query_grads, loss, logits))
         return TaskPass(loss, logits, query_grads, summed, trajectory)
-
-    @staticmethod
-    def _outer_graph(params: Params, inner_names: list[str], masks: Params, rule: UpdateRule,
-                     summed: Params, trajectory: list[Params]) -> Params:
-        """The adapted inner weights as a differentiable function of theta and the masks."""
-        if rule.linear_in_gradient:  # p_T = theta - alpha*m*sum_t g_t: one update
-            return {n: rule.step(params[n], summed[n], masks.get(n)) for n in inner_names}
-        fast = {n: rule.initial(params[n], masks.get(n)) for n in inner_names}
-        for grads in trajectory:  # the weight mask multiplies every step
-            fast = {n: rule.step(fast[n], grads[n], masks.get(n)) for n in inner_names}
-        return fast
-

@@ -18,42 +18,65 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .errors import ConfigError
+from .models import MODELS
 
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names the key."""
+# ---------------------------------------------------------------------------------------------
+# Field roles: what changing a field means. A field without one changes the experiment: a resume
+# refuses the change, and the results tools keep runs that differ in it apart.
+
+SCHEDULE = "schedule"  # how long and when to train and evaluate: may change on resume
+HOUSEKEEPING = "housekeeping"  # where and how the run executes: may change, results unchanged
+REPLICATE = "replicate"  # which repetition of the experiment (seed, label): fixed on resume,
+# pooled as seeds of one cell by the results tools
+
+
+def schedule(default: Any) -> Any:
+    """A field that may change on resume and distinguishes results (e.g. train.epochs)."""
+    return field(default=default, metadata={"role": SCHEDULE})
+
+
+def housekeeping(default: Any) -> Any:
+    """A field that changes neither the trained weights nor the results (e.g. data.root)."""
+    return field(default=default, metadata={"role": HOUSEKEEPING})
+
+
+def replicate(default: Any) -> Any:
+    """A field that tells repetitions of one experiment apart (run.seed, run.protocol)."""
+    return field(default=default, metadata={"role": REPLICATE})
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "sparse_maml_demo"
+    name: str = housekeeping("sparse_maml_demo")
     """Run name; the run folder is `<out_dir>/<name>-<timestamp>` unless `dir` is given."""
-    out_dir: str = "runs"
+    out_dir: str = housekeeping("runs")
     """Parent folder of run folders."""
-    dir: str = ""
+    dir: str = housekeeping("")
     """Explicit run folder (empty: derived from out_dir, name and the start time)."""
-    overwrite: bool = False
+    overwrite: bool = housekeeping(False)
     """Allow writing into a run folder that already holds a run."""
-    seed: int = 0
+    seed: int = replicate(0)
     """Seeds Python, NumPy and torch, and the stream of training episodes."""
-    device: str = "auto"
+    device: str = housekeeping("auto")
     """auto | cpu | cuda | cuda:<index>."""
-    deterministic: bool = False
+    deterministic: bool = housekeeping(False)
     """Ask torch for deterministic kernels (slower; makes CUDA runs repeatable)."""
-    tensorboard: bool = True
+    tensorboard: bool = housekeeping(True)
     """Write TensorBoard event files beside metrics.jsonl."""
-    progress: bool = True
+    progress: bool = housekeeping(True)
     """Show tqdm progress bars."""
-    resume: Literal["never", "auto"] = "never"
+    resume: Literal["never", "auto"] = housekeeping("never")
     """auto: if run.dir already holds this run, continue from its newest loadable checkpoint
     (the config may differ only in keys that leave the run's state valid, e.g. train.epochs);
     never: refuse a run.dir that holds a run (see `train.py --resume RUN_DIR` and run.overwrite)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = housekeeping(2)
     """Numbered checkpoints (checkpoint-<step>.pt) kept in the run folder, newest first; >= 1.
     best.pt is kept in addition."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = housekeeping(0)
     """Also checkpoint every this many meta-batches (0: only at the end of each epoch, on a stop
     signal and when the NaN guard stops the run)."""
-    protocol: str = ""
+    protocol: str = replicate("")
     """Label of the published protocol this run follows, read by utils/collect_results.py: it puts
     a published number beside a run only when the number was produced under this protocol (see
     configs/paper_results.yaml: reference, finn2017, raghu2020, boil2021). Empty: none claimed."""
@@ -66,11 +89,11 @@ class DataConfig:
     """Few-shot dataset. `synthetic` is generated on the fly from a seed (nothing to download);
     `folder` is your own: root/{train,val,test}/<class>/<image files> (see data.image_size,
     data.grayscale, data.normalize)."""
-    root: str = "data"
+    root: str = housekeeping("data")
     """Folder that holds the dataset (ignored for synthetic)."""
-    layout: str = "auto"
+    layout: str = housekeeping("auto")
     """On-disk layout of the dataset; `auto` detects it from what is in root."""
-    download: bool = False
+    download: bool = housekeeping(False)
     """Fetch and prepare the dataset into root if it is missing."""
     image_size: int = 0
     """Side of the square input images; 0 means the dataset's usual size (84, or 28 for glyphs).
@@ -92,11 +115,11 @@ class DataConfig:
     """Train-split augmentation: random crop with padding, colour jitter, horizontal flip."""
     omniglot_rotations: bool = False
     """Omniglot only: add the 90/180/270-degree rotations of each character as new classes."""
-    num_workers: int = 0
+    num_workers: int = housekeeping(0)
     """DataLoader worker processes that build episodes."""
     synthetic_seed: int = 0
     """Seed that generates the synthetic glyph classes (fixed, so runs share the same data)."""
-    on_device: bool = False
+    on_device: bool = housekeeping(False)
     """Hold each split as one uint8 tensor on the run's device and build episodes there (same
     episodes as the default path; MiniImageNet train needs about 0.8 GB of device memory)."""
 
@@ -160,23 +183,23 @@ class OuterConfig:
     """Outer learning rate of phi."""
     momentum: float = 0.9
     """Momentum of the SGD optimizers (Nesterov when > 0)."""
-    implementation: Literal["loop", "vmap", "compiled", "reference"] = "loop"
+    implementation: Literal["loop", "vmap", "compiled", "reference"] = housekeeping("loop")
     """How a meta-batch is adapted. loop: task after task, first-order runs in closed form (no
     inner graph); vmap: the same math with all tasks in one torch.func.vmap call; compiled
     (first-order only): the inner step and the query pass as torch.compile graphs, compiled once
     per run (the time is logged; kernels are cached across runs), tasks in parallel on worker
     threads on a multi-core CPU; reference: the plain step-by-step chain of the reference code,
     which the others are tested against."""
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = housekeeping("default")
     """torch.compile mode of outer.implementation=compiled; reduce-overhead replays each graph as
     a CUDA graph (CUDA only)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: run the inner and outer passes under bfloat16 autocast (faster on recent GPUs; not
     exact, so check accuracy against an fp32 run); weights, masks and optimizer stay fp32."""
-    checkpoint_inner_steps: bool = False
+    checkpoint_inner_steps: bool = housekeeping(False)
     """Second-order runs: recompute each inner step's activations in the outer backward pass
     instead of keeping them (memory of one step instead of `inner.steps`, about 1.5x the time)."""
-    max_bad_steps: int = 10
+    max_bad_steps: int = housekeeping(10)
     """Stop the run (after checkpointing the last good state) when this many consecutive meta-batches
     have a non-finite outer loss, gradient or update; each such update is skipped (or rolled back)
     and counted."""
@@ -184,24 +207,24 @@ class OuterConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = schedule(10)
     """Training epochs (paper: 400 Conv4, 40 ResNet-12)."""
     batches_per_epoch: int = 30
     """Meta-batches per epoch (paper: 100 Conv4, 1000 ResNet-12)."""
-    val_every: int = 2
+    val_every: int = schedule(2)
     """Validate every this many epochs (and after the last one)."""
-    val_from_epoch: int = 0
+    val_from_epoch: int = schedule(0)
     """First epoch (1-based) that is validated and may become the best checkpoint (paper: 100 / 10)."""
-    validate_early: bool = False
+    validate_early: bool = schedule(False)
     """Also validate every val_every epochs before val_from_epoch, for monitoring only: those
     validations never become the best checkpoint (the reference does not run them)."""
     num_val_tasks: int = 100
     """Fixed validation tasks."""
-    num_test_tasks: int = 600
+    num_test_tasks: int = schedule(600)
     """Fixed test tasks for the final evaluation."""
-    eval_batch_size: int = 10
+    eval_batch_size: int = housekeeping(10)
     """Tasks adapted together during evaluation."""
-    test_after_training: bool = True
+    test_after_training: bool = housekeeping(True)
     """Evaluate the best checkpoint on the test split at the end of train.py."""
 
 
@@ -209,11 +232,11 @@ class TrainConfig:
 class CrossDomainConfig:
     """Roots of datasets on which train.py also tests the best checkpoint (empty: skipped)."""
 
-    tieredimagenet: str = ""
+    tieredimagenet: str = housekeeping("")
     """Root of tieredImageNet (test split, 160 classes)."""
-    cub: str = ""
+    cub: str = housekeeping("")
     """Root of CUB-200-2011 (test split, 50 classes)."""
-    cars: str = ""
+    cars: str = housekeeping("")
     """Root of Stanford Cars (test split, 49 classes)."""
 
 
@@ -229,7 +252,116 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing
+# Reading YAML. A config may come from someone else (a received run folder), so the reader is
+# bounded and strict: no aliases (500 bytes of nested aliases expand to 10^8 strings), no nesting
+# deeper than MAX_DEPTH, no file over MAX_BYTES, no key given twice, no key that is not a name, and
+# YAML 1.2's numbers and booleans instead of YAML 1.1's surprises (`1:30` is 90, `010` is 8, `no`
+# is false): those stay text, which the schema then refuses, naming the key.
+
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 16
+_SHOWN = 80  # characters of a value quoted in a message
+_INT, _FLOAT, _BOOL = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
+
+
+def shorten(value: Any) -> str:
+    """repr(value), cut to a length a one-line message can hold."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}... ({len(text):,} characters)"
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases, deep nesting, repeated or non-name keys, or YAML 1.1's
+    implicit sexagesimal, octal and yes/no values."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted",
+                                              self.peek_event().start_mark)
+        if self.depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {shorten(key)} is not a name", key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT, _BOOL)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+StrictLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+StrictLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                   list("-+0123456789"))
+StrictLoader.add_implicit_resolver(  # a float has a point or an exponent
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+)"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def parse_yaml(text: str) -> Any:
+    """The value of a YAML document, read by StrictLoader (yaml.YAMLError if refused)."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict; refuses (ConfigError naming the file) one that is
+    missing, empty, larger than MAX_BYTES, not UTF-8, or not a mapping that StrictLoader accepts."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_BYTES:,} bytes: not a config")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} is "
+                          f"{data[err.start:err.start + 1]!r}); is it a YAML file?") from err
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from err
+    try:
+        tree = parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not a valid config: {_yaml_problem(err)}") from err
+    if tree is None:
+        raise ConfigError(f"config file {path} is empty (no settings): it would run the built-in "
+                          "demo; write the settings in it, or leave out -c to run the demo")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return tree
+
+
+def write_yaml(config: "Config", f: Any) -> None:
+    """The resolved config as YAML into an open text file (see files.atomic_write)."""
+    yaml.safe_dump(to_dict(config), f, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the typed config
 
 
 def _type_name(tp: Any) -> str:
@@ -243,27 +375,30 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-# A number as a person writes it: 1e-3, 1E30, .5, -2, +0.25e+1 (YAML 1.1 turns some into strings).
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+def _wrong_type(key: str, tp: Any, value: Any) -> ConfigError:
+    hint = ""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9][0-9_:]*", value.strip()):
+        hint = " (a number with a leading zero, `_` or `:` is not read as a number)"
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {shorten(value)}{hint}")
 
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Check `value` against the annotation `tp` and convert it (lists to tuples, ints to floats)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if isinstance(value, (str, int, float, bool, type(None))) and value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose {_type_name(tp)}")
+        raise ConfigError(f"{key}: {shorten(value)} is not allowed; choose {_type_name(tp)}")
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
                 return _coerce(key, option, value)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise _wrong_type(key, tp, value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            raise _wrong_type(key, tp, value)
         (item,) = typing.get_args(tp)[:1]
         return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
     if tp is type(None):
@@ -276,8 +411,6 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-3 and 1e30 (no dot, no exponent sign) as text
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
                 raise ConfigError(f"{key}: must be finite, got {value!r}")
@@ -285,18 +418,21 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise _wrong_type(key, tp, value)
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    odd = [k for k in values if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: key {shorten(odd[0])} is not a name")
     unknown = sorted(set(values) - names)
     if unknown:
         where = prefix.rstrip(".") or "top level"
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s} ({where} accepts: {', '.join(sorted(names))})"
-        )
+            f"unknown key {prefix}{shorten(unknown[0])[1:-1]} ({where} accepts: "
+            f"{', '.join(sorted(names))})")
     kwargs = {}
     for name, value in values.items():
         tp = hints[name]
@@ -320,14 +456,20 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn `section.key=value` strings into a nested dict; values are parsed as YAML scalars."""
+    """Turn `section.key=value` strings into a nested dict; values are parsed as YAML values
+    (StrictLoader). A key given again replaces the earlier value, as on most command lines."""
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        value = yaml.safe_load(raw) if raw != "" else ""
-        _set_dotted(tree, key.strip(), value)
+            raise ConfigError(f"override {shorten(item)} is not of the form section.key=value")
+        try:
+            value = parse_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {shorten(item)}: the value is not valid YAML "
+                              f"({_yaml_problem(err)}); quote text, e.g. '{key}=\"{raw[:20]}\"'") from err
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -341,33 +483,13 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict; an empty file or one that is not UTF-8 is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} is "
-                          f"{path.read_bytes()[err.start:err.start + 1]!r}); is it a YAML file?") from err
-    except OSError as err:
-        raise ConfigError(f"config file {path} cannot be read: {err}") from err
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-    if tree is None:
-        raise ConfigError(f"config file {path} is empty (no settings): it would run the built-in "
-                          "demo; write the settings in it, or leave out -c to run the demo")
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
-    return tree
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict[str, Any] | None = None) -> Config:
-    """Build a Config from defaults, an optional base dict, a YAML file and dotted overrides."""
+    """Build a Config from defaults, an optional base dict, a YAML file and dotted overrides.
+
+    Nothing is imported or read besides the file: a backbone named as `module:Class` is imported
+    when the model is built (models.build_model).
+    """
     tree = dict(base or {})
     if path is not None:
         try:
@@ -404,10 +526,27 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+def keys_with_role(*roles: str) -> frozenset[str]:
+    """Dotted keys whose field has one of `roles` (pass None for fields without a role: those
+    that change the experiment)."""
+
+    def walk(cls: type, prefix: str) -> list[str]:
+        keys = []
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                keys += walk(tp, f"{prefix}{f.name}.")
+            elif f.metadata.get("role") in roles:
+                keys.append(prefix + f.name)
+        return keys
+
+    return frozenset(walk(Config, ""))
+
+
+# Keys a resume may change: they leave the saved weights, optimizer state and episode stream valid.
+RESUMABLE = keys_with_role(SCHEDULE, HOUSEKEEPING)
+# Keys in which runs may differ and still be seeds of one results cell.
+SEED_POOLED = keys_with_role(HOUSEKEEPING, REPLICATE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,10 +589,12 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must not be negative, got {value}")
     _validate_arch(m.arch)
     _validate_folder(d)
-    if m.arch == "conv4" and 0 < d.image_size < 16:
-        # Four 2x2 max-pools: 16 is the smallest side that leaves a 1x1 feature map.
-        raise ConfigError(f"data.image_size: model.arch=conv4 needs at least 16 pixels (or 0 for the "
-                          f"dataset's size), got {d.image_size}")
+    # The smallest side that leaves a feature map: Conv4 has four 2x2 max-pools; ResNet-12 two,
+    # then one padded.
+    smallest = {"conv4": 16, "resnet12": 4}.get(m.arch, 0)
+    if 0 < d.image_size < smallest:
+        raise ConfigError(f"data.image_size: model.arch={m.arch} needs at least {smallest} pixels "
+                          f"(or 0 for the dataset's size), got {d.image_size}")
     if i.mask == "none" and i.mask_init_shift != 0:
         raise ConfigError(f"inner.mask_init_shift={i.mask_init_shift} shifts a mask, but inner.mask=none "
                           "has no mask: set inner.mask or leave the shift at 0")
@@ -469,14 +610,31 @@ def validate(config: Config) -> None:
             raise ConfigError("inner.mask_generator works with inner.mask_target=gradient only")
         if i.adapt == "head":
             raise ConfigError("inner.mask_generator masks conv weights, but inner.adapt=head adapts none")
-        if m.arch == "resnet12":
-            # Dense generator: F features -> one logit per conv weight of the backbone.
-            from .models import generator_size_resnet12  # local import: models imports nothing from here
+    _validate_sizes(config)
 
-            size = generator_size_resnet12(m.widths)
-            raise ConfigError(
-                "inner.mask_generator with model.arch=resnet12 is refused: a dense generator would "
-                f"need {size:,} weights ({size * 4 / 2**30:.1f} GiB in fp32); use model.arch=conv4")
+
+# Upper bounds far beyond any real run: a received config cannot make the program allocate
+# without bound (a value past these is a typo or a crafted file).
+LIMITS = {
+    "data.num_ways": 10_000, "data.num_shots": 10_000, "data.num_query": 10_000,
+    "data.image_size": 4096, "data.num_workers": 1024, "inner.steps": 100_000,
+    "inner.eval_steps": 100_000, "outer.meta_batch_size": 100_000, "train.epochs": 10_000_000,
+    "train.batches_per_epoch": 1_000_000_000, "train.num_val_tasks": 10_000_000,
+    "train.num_test_tasks": 10_000_000, "train.eval_batch_size": 100_000,
+    "run.keep_checkpoints": 100_000, "outer.max_bad_steps": 1_000_000_000,
+}
+MAX_WIDTH = 65_536  # channels of one block of model.widths
+
+
+def _validate_sizes(config: Config) -> None:
+    """Refuse sizes past LIMITS and MAX_WIDTH, naming the key."""
+    flat = flatten(to_dict(config))
+    for key, limit in LIMITS.items():
+        if flat[key] > limit:
+            raise ConfigError(f"{key}: {flat[key]:,} is beyond any usable value (at most {limit:,})")
+    if max(config.model.widths) > MAX_WIDTH:
+        raise ConfigError(f"model.widths: {list(config.model.widths)} has a block wider than "
+                          f"{MAX_WIDTH:,} channels")
 
 
 def _validate_implementation(o: OuterConfig, i: InnerConfig) -> None:
@@ -495,14 +653,24 @@ def _validate_implementation(o: OuterConfig, i: InnerConfig) -> None:
                           "(a first-order run keeps no inner graph): set inner.first_order=false")
 
 
-def _validate_arch(arch: str) -> None:
-    """A built-in backbone, or `module:Class` naming an importable nn.Module (imported here)."""
-    from .models import MODELS, load_backbone_class  # local import: models imports this module
+# A backbone of your own: `package.module:Class` or `path/to/file.py:Class` (checked, and imported,
+# only when the model is built: see models.load_backbone_class).
+_CUSTOM_ARCH = re.compile(r"[^:]+:[A-Za-z_][A-Za-z0-9_]*")
 
-    if ":" in arch:
-        load_backbone_class(arch)
+
+def is_custom_arch(arch: str) -> bool:
+    """Whether model.arch names a backbone of your own (code that building the model imports)."""
+    return ":" in arch
+
+
+def _validate_arch(arch: str) -> None:
+    """A built-in backbone name, or the form of a backbone of your own; nothing is imported."""
+    if is_custom_arch(arch):
+        if not _CUSTOM_ARCH.fullmatch(arch):
+            raise ConfigError(f"model.arch={shorten(arch)}: expected module:Class or "
+                              "path/to/file.py:Class")
     elif arch not in MODELS:
-        raise ConfigError(f"model.arch: {arch!r} is not allowed; choose one of "
+        raise ConfigError(f"model.arch: {shorten(arch)} is not allowed; choose one of "
                           f"{', '.join(repr(a) for a in MODELS)} or a backbone of your own as "
                           "module:Class or path/to/file.py:Class")
 

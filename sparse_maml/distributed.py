@@ -20,15 +20,49 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .errors import ConfigError
 from .runtime import resolve_device
 
 T = TypeVar("T")
 
 
+# What torchrun sets for every process; a run needs all of them or none.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_environment() -> None:
+    """Refuse (ConfigError) a half-set torchrun environment: with RANK alone every error would be
+    hidden (only rank 0 reports), with WORLD_SIZE alone the process group would wait for peers
+    that never come."""
+    found = {v: os.environ[v] for v in TORCHRUN_VARIABLES if v in os.environ}
+    if not found:
+        return
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        value = found.get(name)
+        if value is not None and not value.isdigit():
+            raise ConfigError(f"environment variable {name}={value[:40]!r} is not a number "
+                              "(torchrun sets it; unset it to run one process)")
+    world = int(found.get("WORLD_SIZE", "1"))
+    missing = [v for v in TORCHRUN_VARIABLES if v not in found]
+    if world > 1 and missing:
+        raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} not: start several "
+                          "processes with torchrun, or unset WORLD_SIZE to run one")
+    if world == 0 or int(found.get("RANK", "0")) >= world:
+        raise ConfigError(f"RANK={found.get('RANK', '0')} does not fit WORLD_SIZE="
+                          f"{found.get('WORLD_SIZE', '(unset)')}: start several processes with "
+                          "torchrun, or unset RANK to run one")
+
+
 def env_world_size() -> int:
     """WORLD_SIZE as set by torchrun (1 when not launched by it)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() else 1
+
+
+def env_rank() -> int:
+    """RANK as set by torchrun (0 when not launched by it)."""
+    value = os.environ.get("RANK", "0")
+    return int(value) if value.isdigit() else 0
 
 
 def is_distributed() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,8 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .config import Config
-from .data import EpisodeDataset, FewShotSplit, build_episodes, build_split, episode_loader
+from .data import (DataError, EpisodeDataset, FewShotSplit, build_episodes, build_split,
+                   episode_loader)
 from .meta_learner import MetaLearner, build_meta_learner
 from .runtime import resolve_device, seed_everything
 
@@ -82,10 +84,24 @@ def evaluate_split(learner: MetaLearner, config: Config, data_split: FewShotSpli
     # Reseeded here so sparse-MAML+'s per-task noise is the same whoever calls (test.py, the API).
     seed_everything(config.run.seed, config.run.deterministic)
     episodes = build_episodes(config.data, data_split, EVAL_SEED, augment=False, device=device)
-    return evaluate(learner, episodes, num_tasks or config.train.num_test_tasks,
-                    config.train.eval_batch_size, steps or config.inner.eval_steps, device,
+    return evaluate(learner, episodes,
+                    config.train.num_test_tasks if num_tasks is None else num_tasks,
+                    config.train.eval_batch_size,
+                    config.inner.eval_steps if steps is None else steps, device,
                     config.data.num_workers,
                     desc=f"test {config.data.name}/{data_split.split}" if config.run.progress else None)
+
+
+def evaluation_split(config: Config, split: str) -> FewShotSplit:
+    """One split of the run's dataset for evaluation. Evaluation never downloads (opening a
+    received run writes nothing outside its folder): a missing dataset's message names the
+    command that prepares it."""
+    try:
+        return build_split(dataclasses.replace(config.data, download=False), split)
+    except DataError as err:
+        if not config.data.download:
+            raise
+        raise DataError(f"{err}\n(evaluation does not download: data.download is ignored)") from err
 
 
 def test_checkpoint(config: Config, run_dir: Path, split: str = "test",
@@ -96,7 +112,7 @@ def test_checkpoint(config: Config, run_dir: Path, split: str = "test",
     """
     device = device or resolve_device(config.run.device)
     seed_everything(config.run.seed, config.run.deterministic)
-    data_split = build_split(config.data, split)
+    data_split = evaluation_split(config, split)
     image_size = config.data.image_size or data_split.native_size
     learner, state = restore_learner(config, Path(run_dir) / checkpoint.BEST, data_split.channels,
                                      image_size, device)

@@ -9,7 +9,7 @@ implementation lives in compiled.py. Tests check that all give the same outer gr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -181,27 +181,58 @@ def adapt_batched(model: nn.Module, params: Params, inner_names: list[str], shar
         return {n: rule.initial(params[n], masks_for(n)).expand(tasks, *params[n].shape)
                 for n in inner_names}
 
-    if rule.linear_in_gradient or not track_outer:
-        with torch.no_grad():
-            masks = {n: masks_for(n) for n in inner_names}
-            fast = initial()
-            summed = {n: torch.zeros_like(p) for n, p in fast.items()}
-            for _ in range(steps):
-                grads = task_grad(fast, x, y)
-                for n in inner_names:
-                    fast[n] = rule.step(fast[n], grads[n], masks[n])
-                    summed[n] += grads[n]
-        if not track_outer:
-            return {**frozen, **fast}
-        # Broadcasting theta (and shared masks) over the task dimension sums their gradients.
-        return {**frozen, **{n: rule.step(params[n], summed[n], masks_for(n)) for n in inner_names}}
+    masks = {n: masks_for(n) for n in inner_names}
 
-    # First-order weight mask: the mask multiplies every step, so the chain is built step by step.
-    fast = initial()
-    for _ in range(steps):
-        grads = task_grad({n: p.detach() for n, p in fast.items()}, x, y)
+    def step(fast: Params) -> tuple[Params, Params]:
+        grads = task_grad(fast, x, y)
+        return {n: rule.step(fast[n], grads[n], masks[n]) for n in inner_names}, grads
+
+    with torch.no_grad():
+        start = initial()
+    fast, summed, trajectory = run_trajectory(step, start, steps,
+                                              keep_steps=track_outer and not rule.linear_in_gradient)
+    if not track_outer:
+        return {**frozen, **fast}
+    # Broadcasting theta (and shared masks) over the task dimension sums their gradients.
+    return {**frozen, **first_order_adapted(params, inner_names, masks_for, rule, summed, trajectory,
+                                            initial)}
+
+
+def run_trajectory(step: Callable[[Params], tuple[Params, Params]], start: Params, steps: int,
+                   keep_steps: bool) -> tuple[Params, Params, list[Params]]:
+    """A first-order inner loop without autograd: `steps` calls of step(fast) -> (next fast
+    weights, the gradients used) from `start`. Returns the adapted weights, the summed gradients
+    and, with keep_steps, each step's gradients (see first_order_adapted)."""
+    fast = dict(start)
+    summed = {n: torch.zeros_like(p) for n, p in fast.items()}
+    trajectory: list[Params] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            fast, grads = step(fast)
+            torch._foreach_add_(list(summed.values()), [grads[n] for n in summed])
+            if keep_steps:
+                trajectory.append(grads)
+    return fast, summed, trajectory
+
+
+def first_order_adapted(params: Params, inner_names: list[str],
+                        masks_for: Callable[[str], Optional[torch.Tensor]], rule: UpdateRule,
+                        summed: Params, trajectory: list[Params],
+                        start: Callable[[], Params]) -> Params:
+    """The adapted inner weights as a differentiable function of theta and the masks, given the
+    inner gradients of a first-order trajectory (which carry no graph).
+
+    With a rule linear in g the weights are theta - alpha*m*sum_t g_t: one update with the summed
+    gradients gives the outer gradients of the step-by-step chain, with one elementwise op per
+    tensor instead of `steps`. The weight mask multiplies every step, so there the chain is
+    replayed from start() with the recorded gradients.
+    """
+    if rule.linear_in_gradient:
+        return {n: rule.step(params[n], summed[n], masks_for(n)) for n in inner_names}
+    fast = start()
+    for grads in trajectory:
         fast = {n: rule.step(fast[n], grads[n], masks_for(n)) for n in inner_names}
-    return {**frozen, **fast}
+    return fast
 
 
 def query_logits_batched(model: nn.Module, fast: Params, inner_names: list[str],

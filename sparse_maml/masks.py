@@ -55,21 +55,28 @@ MASK_FUNCTIONS: dict[str, MaskFunction] = {
 }
 
 
-def init_phi(shape: torch.Size, kind: str, shift: float, step_size: float) -> torch.Tensor:
-    """A phi tensor initialised as the reference does (see InnerConfig.mask_init)."""
-    phi = torch.empty(shape)
-    if kind == "constant":
-        return phi.fill_(step_size)
-    if kind == "meta_sgd":
-        return phi.uniform_(0.005, 0.1)
-    if kind == "kaiming" and len(shape) > 1:
-        nn.init.kaiming_uniform_(phi)
-    elif kind in ("kaiming", "uniform"):
-        phi.uniform_(-0.5, 0.5)
-    else:
-        raise ValueError(f"unknown mask init {kind!r}")
+def _centred(phi: torch.Tensor, shift: float) -> torch.Tensor:
     # Centre, then shift: the shift sets the initial fraction of positive entries (sparsity).
     return phi - phi.mean() + shift
+
+
+def _kaiming(phi: torch.Tensor) -> torch.Tensor:
+    # Kaiming-uniform needs a fan-in: vectors (biases, BatchNorm) take uniform(-1/2, 1/2).
+    return nn.init.kaiming_uniform_(phi) if phi.ndim > 1 else phi.uniform_(-0.5, 0.5)
+
+
+# inner.mask_init: name -> (empty phi, shift, step size) -> phi, as the reference initialises it.
+MASK_INITS: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
+    "uniform": lambda phi, shift, step_size: _centred(phi.uniform_(-0.5, 0.5), shift),
+    "kaiming": lambda phi, shift, step_size: _centred(_kaiming(phi), shift),
+    "constant": lambda phi, shift, step_size: phi.fill_(step_size),
+    "meta_sgd": lambda phi, shift, step_size: phi.uniform_(0.005, 0.1),
+}
+
+
+def init_phi(shape: torch.Size, kind: str, shift: float, step_size: float) -> torch.Tensor:
+    """A phi tensor initialised as the reference does (see InnerConfig.mask_init)."""
+    return MASK_INITS[kind](torch.empty(shape), shift, step_size)
 
 
 def sparsity(mask_value: torch.Tensor) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -59,12 +59,7 @@ class MetaLearner(nn.Module):
         self.precision = config.outer.precision
         self.compiled = (CompiledAdaptation(config.outer.compile_mode)
                          if self.implementation == "compiled" else None)
-        self._adapt_and_score = {
-            "reference": self._adapt_reference,
-            "loop": partial(self._adapt_batched, vectorize=False),
-            "vmap": partial(self._adapt_batched, vectorize=True),
-            "compiled": self._adapt_compiled,
-        }[self.implementation]
+        self._adapt_and_score = partial(IMPLEMENTATIONS[self.implementation], self)
 
     # -- parameter groups ------------------------------------------------------------------
 
@@ -196,6 +191,16 @@ class MetaLearner(nn.Module):
     def compile_events(self) -> list[tuple[str, float]]:
         """(graph, seconds) for every graph compiled since the last call (compiled only)."""
         return self.compiled.take_compile_events() if self.compiled is not None else []
+
+
+# outer.implementation: name -> how a meta-batch is adapted and scored, (learner, params, shared
+# masks, per-task masks, batch, steps, track_outer) -> (per-task query losses, query logits).
+IMPLEMENTATIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "reference": MetaLearner._adapt_reference,
+    "loop": partial(MetaLearner._adapt_batched, vectorize=False),
+    "vmap": partial(MetaLearner._adapt_batched, vectorize=True),
+    "compiled": MetaLearner._adapt_compiled,
+}
 
 
 def build_meta_learner(config: Config, in_channels: int, image_size: int) -> MetaLearner:

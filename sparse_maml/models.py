@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError
+from .errors import ConfigError
 
 LEAKY_SLOPE = 0.01  # ResNet-12 LeakyReLU negative slope (PyTorch default, as in the reference)
 
@@ -245,10 +245,3 @@ def check_generator(model: nn.Module, arch: str) -> None:
 def conv_weight_names(model: nn.Module) -> list[str]:
     """Names of the weights of every nn.Conv2d, in module order."""
     return [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-
-
-def generator_size_resnet12(widths: tuple[int, ...]) -> int:
-    """Weights of a dense sparse-MAML+ generator for ResNet-12 (see generator_size)."""
-    with torch.device("meta"):
-        model = ResNet12(3, 5, 84, widths)
-    return generator_size(model)

@@ -5,7 +5,8 @@ it ends. The file is complete from the moment it exists (written to a temporary 
 hard-linked to its name, which fails if the name is taken). A lock left by a process that died
 (same host, no such process any more) is stale and is taken over; a lock held by a live process, or
 by another host (whose processes cannot be checked from here), refuses the second writer with a
-message naming the holder.
+message naming the holder. Taking over is atomic: the stale file is first renamed to a name of this
+process's own, so of two processes that found it stale only one removes it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 LOCK = ".lock"
+MAX_PID = 2**22  # Linux's largest pid_max: a lock naming a larger (or no positive) pid is damaged
 
 
 class RunLocked(RuntimeError):
@@ -87,21 +89,34 @@ class RunLock:
         if holder is None:  # released meanwhile
             return
         host, pid = holder.get("host"), holder.get("pid")
-        if not isinstance(pid, int) or not host:
+        if (not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= MAX_PID
+                or not isinstance(host, str) or not host):
             raise RunLocked(f"run folder {self.path.parent} is locked by {self.path}, which is "
                             "unreadable; if no process writes the run, delete that file")
         if host != self.me["host"]:
             raise RunLocked(
-                f"run folder {self.path.parent} is in use by process {pid} on host {host} (since "
-                f"{holder.get('since', '?')}); wait for it to end, or, if it is gone, delete "
-                f"{self.path}")
+                f"run folder {self.path.parent} is in use by process {pid} on host {host[:80]} "
+                f"(since {str(holder.get('since', '?'))[:40]}); wait for it to end, or, if it is "
+                f"gone, delete {self.path}")
         if _alive(pid) and pid != self.me["pid"]:
             raise RunLocked(
                 f"run folder {self.path.parent} is in use by process {pid} on this host ({host}, "
-                f"since {holder.get('since', '?')}): two processes cannot write one run; wait for "
-                "it to end or stop it")
+                f"since {str(holder.get('since', '?'))[:40]}): two processes cannot write one run; "
+                "wait for it to end or stop it")
+        moved = self.path.with_name(f"{LOCK}.{self.me['pid']}.stale")
+        try:
+            os.rename(self.path, moved)  # atomic: of two processes, one moves the stale file
+        except FileNotFoundError:  # the other took it over meanwhile
+            return
+        if _read(moved) != holder:  # moved a lock just taken by another process: put it back
+            try:
+                os.link(moved, self.path)
+            except OSError:
+                pass
+            moved.unlink(missing_ok=True)
+            return
+        moved.unlink(missing_ok=True)
         self.report(f"{self.path.parent}: taking over the lock of process {pid}, which has ended")
-        self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Remove the lock file if this process still holds it."""

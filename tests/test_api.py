@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(folder: Path, *overrides: str) -> Path:
-    import train
+    from sparse_maml.cli import train
 
     return train.main(tiny_config(f"run.dir={folder / 'run'}", "train.test_after_training=false",
                                   *overrides))

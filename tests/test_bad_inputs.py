@@ -23,10 +23,10 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-import test as test_script
-import train
+from sparse_maml.cli import test as test_script
+from sparse_maml.cli import train
 from sparse_maml import checkpoint
-from sparse_maml.data.fixtures import make_miniimagenet, write_miniimagenet
+from fixtures import make_miniimagenet, write_miniimagenet
 from sparse_maml.run_lock import LOCK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -437,7 +437,7 @@ def test_second_resume_of_a_running_run_is_refused(tmp_path, finished_run, capsy
 def test_same_second_runs_get_their_own_folders(tmp_path):
     """Two runs with the same name started in the same second never share a folder."""
     from sparse_maml.config import load_config
-    from sparse_maml.run_log import new_run_dir
+    from sparse_maml.run_folder import new_run_dir
 
     config = load_config(None, [f"run.out_dir={tmp_path}", "run.name=same"])
     folders = {new_run_dir(config) for _ in range(3)}
@@ -558,7 +558,6 @@ def test_launcher_help_is_its_comment_block():
 
 def test_prepare_cars_without_archives_says_from_archive_at_once(tmp_path, capsys):
     """Stanford Cars has no live URL: a message pointing to --from-archive, no download tried."""
-    sys.path.insert(0, str(ROOT / "utils"))
     import prepare_data
 
     assert prepare_data.main(["cars", "--root", str(tmp_path / "cars"), "--no-progress"]) == 1
@@ -570,9 +569,8 @@ def test_prepare_cars_without_archives_says_from_archive_at_once(tmp_path, capsy
 def test_prepare_finds_cub_already_extracted_in_root(tmp_path, monkeypatch, capsys):
     """A CUB folder already extracted into --root is used as it is; nothing is downloaded."""
     from sparse_maml.data import download
-    from sparse_maml.data.fixtures import write_cub
+    from fixtures import write_cub
 
-    sys.path.insert(0, str(ROOT / "utils"))
     import prepare_data
 
     def no_download(*args, **kwargs):

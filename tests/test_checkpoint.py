@@ -83,7 +83,6 @@ def test_writer_killed_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
     save_step(tmp_path, 1)
     script = (
         "import sys, time, torch\n"
-        "sys.path.insert(0, sys.argv[1])\n"
         "from pathlib import Path\n"
         "from sparse_maml import checkpoint\n"
         "real_save = torch.save\n"
@@ -94,7 +93,7 @@ def test_writer_killed_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
         "    real_save(obj, f)\n"
         "checkpoint.torch.save = slow_save\n"
         "checkpoint.save_atomic({'learner': {}}, Path(sys.argv[2]) / checkpoint.checkpoint_name(2))\n")
-    writer = subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(tmp_path)])
+    writer = subprocess.Popen([sys.executable, "-c", script, "", str(tmp_path)])
     deadline = time.time() + 60
     while not list(tmp_path.glob(".*.tmp")) or list(tmp_path.glob(".*.tmp"))[0].stat().st_size == 0:
         assert writer.poll() is None and time.time() < deadline, "writer did not start its save"

@@ -150,7 +150,7 @@ def test_checkpointed_second_order_equals_plain():
 def test_a_run_may_switch_implementation_on_resume(tmp_path):
     """The implementations compute the same outer gradients, so a run saved with one resumes with
     another (e.g. continued on a GPU with compiled); the numerics (precision) may not change."""
-    from sparse_maml.run_log import check_resumable
+    from sparse_maml.run_folder import check_resumable
 
     saved = load_config(None, ["outer.implementation=loop"])
     check_resumable(saved, load_config(None, ["outer.implementation=compiled",

@@ -7,7 +7,8 @@ import re
 import pytest
 import yaml
 
-from sparse_maml.config import Config, ConfigError, load_config, read_yaml, save_config
+from sparse_maml.config import Config, ConfigError, load_config, read_yaml
+from sparse_maml.run_folder import write_config
 
 
 def write(tmp_path, tree) -> str:
@@ -37,7 +38,7 @@ def test_values_are_typed():
 
 def test_round_trip_through_yaml(tmp_path):
     config = load_config(None, ["inner.mask=relu_ste", "model.widths=[3,4,5,6]"])
-    save_config(config, tmp_path / "config.yaml")
+    write_config(config, tmp_path / "config.yaml")
     assert load_config(None, base=read_yaml(tmp_path / "config.yaml")) == config
 
 
@@ -70,9 +71,13 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_generator_on_resnet12_is_refused_with_its_size():
+    """One rule, by size, applied when the model is built (before any run folder exists)."""
+    from sparse_maml.meta_learner import build_meta_learner
+
+    config = load_config(None, ["model.arch=resnet12", "model.widths=[64,128,256,512]",
+                                "inner.mask_generator=true"])
     with pytest.raises(ConfigError, match=r"need [\d,]+ weights \([\d.]+ GiB"):
-        load_config(None, ["model.arch=resnet12", "model.widths=[64,128,256,512]",
-                           "inner.mask_generator=true"])
+        build_meta_learner(config, 3, 84)
 
 
 def test_generator_on_conv4_of_any_width_is_accepted():

@@ -38,7 +38,6 @@ BAD_CONFIGS = [
     (["inner.mask=relu", "inner.mask_target=weight"], "inner.mask_target=weight needs inner.mask=binary_ste"),
     (["inner.mask_generator=true", "inner.adapt=head"], "inner.adapt=head adapts none"),
     (["inner.mask_generator=true", "inner.mask_target=weight"], "mask_target=gradient only"),
-    (["inner.mask_generator=true", "model.arch=resnet12"], "with model.arch=resnet12 is refused"),
     (["outer.meta_batch_size=0"], "outer.meta_batch_size: must be at least 1"),
     (["outer.lr=0"], "outer.lr: must be positive"),
     (["outer.mask_lr=-1"], "outer.mask_lr: must be positive"),

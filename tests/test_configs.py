@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-import train
+from sparse_maml.cli import train
 from sparse_maml.config import load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,19 +40,9 @@ def cell_of(stem: str) -> tuple[str, str, int, str]:
     return match[1], match[2], int(match[3]), PROTOCOL_TAGS[match[4]] if match[4] else "reference"
 
 
-@functools.lru_cache(maxsize=None)
-def load_collect_results():
-    """utils/collect_results.py as a module (utils/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("collect_results", ROOT / "utils" / "collect_results.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["collect_results"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def method_from_config(cfg) -> str:
     """The method as utils/collect_results.py derives it from inner.* (the table's rule)."""
-    collect = load_collect_results()
+    import collect_results as collect
     return collect.method_of(collect.flatten(to_dict(cfg)))
 
 

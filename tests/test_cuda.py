@@ -17,7 +17,7 @@ from sparse_maml import checkpoint
 from sparse_maml.config import load_config
 from sparse_maml.data import build_episodes, build_split
 from sparse_maml.meta_learner import build_meta_learner
-from sparse_maml.run_log import read_metrics
+from sparse_maml.run_folder import read_metrics
 
 from helpers import TINY, random_tasks
 
@@ -34,7 +34,7 @@ def final_weights(run_dir):
 
 def test_debug_run_end_to_end_then_exact_resume(tmp_path):
     """train.py's main on CUDA; a 1-epoch run extended to 2 epochs equals the 2-epoch run."""
-    import train
+    from sparse_maml.cli import train
 
     def config(run_dir, epochs):
         return load_config(None, [*TINY, *CUDA, "run.deterministic=true", f"run.dir={run_dir}",
@@ -99,7 +99,7 @@ def test_compiled_equals_reference_on_cuda(variant, mode, deterministic):
 
 def test_bf16_autocast_accuracy_within_the_fp32_interval(tmp_path):
     """A shortened demo in bf16 tests within the fp32 run's and its own 95% intervals."""
-    import train
+    from sparse_maml.cli import train
 
     results = {}
     for precision in ("fp32", "bf16"):

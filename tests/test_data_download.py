@@ -17,7 +17,7 @@ import torch
 
 from sparse_maml.data import DataError, EpisodeDataset, EpisodeTransform, open_split
 from sparse_maml.data import download as dl
-from sparse_maml.data.fixtures import make_miniimagenet, write_cub, write_miniimagenet
+from fixtures import make_miniimagenet, write_cub, write_miniimagenet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -203,17 +203,14 @@ def test_prepare_script_extracts_cub_from_a_local_archive(tmp_path):
 
 
 def test_prepare_script_main_prepares_cub(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
     source = write_cub(tmp_path / "src", per_class=1, size=8)
     archive = tmp_path / "CUB_200_2011.tgz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(source / "CUB_200_2011", arcname="CUB_200_2011")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     monkeypatch.setitem(dl.ARCHIVES, "cub", [dl.Archive("CUB_200_2011.tgz", (), md5=md5)])
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "utils" / "prepare_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    import prepare_data as script
+
     root = tmp_path / "cub"
     assert script.main(["cub", "--root", str(root), "--from-archive", str(tmp_path),
                         "--no-progress"]) == 0

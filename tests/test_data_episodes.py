@@ -10,7 +10,7 @@ import torch
 from sparse_maml.config import DataConfig
 from sparse_maml.data import (DeviceEpisodeDataset, EpisodeDataset, build_episodes, build_split,
                               episode_loader)
-from sparse_maml.data.fixtures import make_miniimagenet, write_miniimagenet
+from fixtures import make_miniimagenet, write_miniimagenet
 
 
 @pytest.fixture(scope="module")

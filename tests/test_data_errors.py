@@ -8,7 +8,7 @@ import pytest
 
 from sparse_maml.config import DataConfig
 from sparse_maml.data import DataError, build_episodes, build_split, open_split
-from sparse_maml.data.fixtures import (make_miniimagenet, write_cub, write_miniimagenet,
+from fixtures import (make_miniimagenet, write_cub, write_miniimagenet,
                                        write_tieredimagenet)
 
 

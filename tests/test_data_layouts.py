@@ -9,7 +9,7 @@ import torch
 
 from sparse_maml.config import DataConfig
 from sparse_maml.data import build_episodes, build_split, open_split
-from sparse_maml.data.fixtures import (make_miniimagenet, write_cars, write_cub, write_miniimagenet,
+from fixtures import (make_miniimagenet, write_cars, write_cub, write_miniimagenet,
                                        write_omniglot, write_tieredimagenet)
 from sparse_maml.data.photos import class_split
 

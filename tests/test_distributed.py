@@ -19,7 +19,9 @@ import torch
 
 from sparse_maml import checkpoint, distributed
 from sparse_maml.config import ConfigError
-from sparse_maml.run_log import read_metrics
+from sparse_maml.run_folder import read_metrics
+
+import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -167,11 +169,7 @@ def test_sweep_reads_the_dry_run_of_run_sparse_maml(tmp_path):
                           "--seeds", "2", "sparse_maml_conv4_5shot"],
                          capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
-    sys.path.insert(0, str(ROOT / "utils"))
-    try:
-        import sweep
-    finally:
-        sys.path.remove(str(ROOT / "utils"))
+    import sweep
     commands = sweep.read_commands(dry.stdout.splitlines())
     assert len(commands) == 2
     assert all(c[1] == "train.py" and "model.widths=[2,2,2,2]" in c for c in commands)
@@ -181,20 +179,19 @@ def test_sweep_reads_the_dry_run_of_run_sparse_maml(tmp_path):
 EVAL_SCRIPT = """
 import sys
 import torch
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
-from helpers import tiny_config
 from sparse_maml import distributed
+from sparse_maml.config import load_config
 from sparse_maml.evaluation import evaluate
-from sparse_maml.training import build_experiment
+from sparse_maml.experiment import build_experiment
 
-config = tiny_config("inner.mask_generator=true", "run.device=cpu")
+config = load_config(None, [*TINY, "inner.mask_generator=true", "run.device=cpu"])
 device = distributed.setup("cpu")
 exp = build_experiment(config, device)
 noise = []
 exp.learner.generator.register_forward_pre_hook(lambda module, args: noise.append(args[0].clone()))
 accs = evaluate(exp.learner, exp.val_episodes, 7, 2, 1, device)
 torch.save({"noise": torch.cat(noise), "accs": torch.as_tensor(accs),
-            "rng": torch.get_rng_state()}, f"{sys.argv[2]}/rank{distributed.rank()}.pt")
+            "rng": torch.get_rng_state()}, f"{sys.argv[1]}/rank{distributed.rank()}.pt")
 distributed.cleanup()
 """
 
@@ -204,11 +201,11 @@ def test_split_evaluation_sees_the_noise_and_random_stream_of_one_process(tmp_pa
     generator noise it gets in one process, the accuracies are gathered in task order, and every
     process's random stream ends where the single process's does."""
     script = tmp_path / "evaluate_split.py"
-    script.write_text(EVAL_SCRIPT)
+    script.write_text(EVAL_SCRIPT.replace("TINY", repr(helpers.TINY)))
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    python(str(script), str(ROOT), str(tmp_path / "one"), cwd=tmp_path)
-    python(str(script), str(ROOT), str(tmp_path / "two"), cwd=tmp_path, processes=2)
+    python(str(script), str(tmp_path / "one"), cwd=tmp_path)
+    python(str(script), str(tmp_path / "two"), cwd=tmp_path, processes=2)
     alone = torch.load(tmp_path / "one" / "rank0.pt")
     ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
     assert len(alone["noise"]) == 7

@@ -3,7 +3,6 @@ only beside their protocol, nothing left out or pooled silently, damaged logs, f
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import collect_results
+import plot_sparsity
 from test_scripts import COLLECT, ENV, LAUNCHER, PLOT, ROOT, fabricate, table_lines
-
-
-def load_script(name: str):
-    """A script of utils/ as a module (utils/ is a folder of scripts, not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "utils" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def script(path: Path, *args) -> subprocess.CompletedProcess:
@@ -66,7 +56,7 @@ def test_a_broken_line_inside_the_file_is_a_clear_error(tmp_path):
 
 
 def test_records_of_test_py_count_unless_they_change_the_experiment(tmp_path):
-    collect = load_script("collect_results")
+    collect = collect_results
     folder = fabricate(tmp_path / "runs", "a", "sparse_maml_conv4_5shot", tests=[
         {"accuracy": 0.65, "ci95": 0.008},  # train.py: 600 tasks
         {"accuracy": 0.70, "ci95": 0.03, "num_tasks": 100, "overrides": ["train.num_test_tasks=100"]},
@@ -87,7 +77,7 @@ def test_records_of_test_py_count_unless_they_change_the_experiment(tmp_path):
     assert "left out: miniimagenet record made with inner.eval_steps=100" in table.stderr
     assert "left out: miniimagenet record of 600 tasks (65.00%)" in table.stderr
 
-    plot = load_script("plot_sparsity")
+    plot = plot_sparsity
     shown = []
     original = plot.plt.Axes.errorbar
 
@@ -105,8 +95,8 @@ def test_records_of_test_py_count_unless_they_change_the_experiment(tmp_path):
 
 def test_sweep_never_merges_runs_that_differ_in_another_key(tmp_path):
     """inner.steps swept over runs of two step sizes: two series, not one pooled line."""
-    plot = load_script("plot_sparsity")
-    collect = load_script("collect_results")
+    plot = plot_sparsity
+    collect = collect_results
     runs = tmp_path / "runs"
     for steps in (5, 35):
         for alpha in (0.1, 0.25):
@@ -200,8 +190,8 @@ def test_finn_loss_scale_gives_the_configs_alpha_and_clamp():
 
 
 def test_sparsity_views_conv_weights_blocks_and_all(tmp_path):
-    plot = load_script("plot_sparsity")
-    collect = load_script("collect_results")
+    plot = plot_sparsity
+    collect = collect_results
     folder = fabricate(tmp_path / "runs", "a", "sparse_maml_conv4_5shot")
     (run,) = collect.find_runs([str(folder)])
     train = [r for r in run.records if r["kind"] == "train"]
@@ -224,7 +214,7 @@ def test_sparsity_views_conv_weights_blocks_and_all(tmp_path):
 
 
 def test_accuracy_axis_fits_the_data():
-    plot = load_script("plot_sparsity")
+    plot = plot_sparsity
     low, high = plot.fitted_limits([61.0, 63.5, 65.0])
     assert 55 < low < 61 and 65 < high < 70
     assert plot.fitted_limits([0.5, 99.8]) == (0.0, 100.0)

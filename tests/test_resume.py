@@ -18,9 +18,11 @@ import torch
 
 from sparse_maml import checkpoint
 from sparse_maml.config import ConfigError, load_config
-from sparse_maml.run_log import RunLog, make_run_dir, read_metrics
-from sparse_maml.training import (EXIT_DIVERGED, EXIT_STOPPED, TrainingDiverged, TrainingStopped,
-                                  build_experiment, fit, snapshot)
+from sparse_maml.cli.train import EXIT_DIVERGED, EXIT_STOPPED
+from sparse_maml.experiment import build_experiment
+from sparse_maml.run_folder import make_run_dir, read_metrics
+from sparse_maml.run_log import RunLog
+from sparse_maml.training import TrainingDiverged, TrainingStopped, fit, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.widths=[4,4,4,4]", "data.num_ways=2", "data.num_shots=1", "data.num_query=1",
@@ -107,7 +109,7 @@ def _tiny_config(run_dir: Path, *extra: str):
 @pytest.fixture(scope="module")
 def generator_reference(tmp_path_factory) -> Path:
     """An uninterrupted tiny sparse-MAML+ run (its generator draws from torch's global RNG)."""
-    import train
+    from sparse_maml.cli import train
 
     return train.main(_tiny_config(tmp_path_factory.mktemp("reference") / "run",
                                    "inner.mask_generator=true"))
@@ -117,7 +119,7 @@ def generator_reference(tmp_path_factory) -> Path:
 def test_in_process_stop_and_resume_is_exact(tmp_path, generator_reference, stop_step):
     """fit() stopped after `stop_step` meta-batches (4 per epoch) and continued equals the
     uninterrupted run, RNG-consuming mask generator included."""
-    import train
+    from sparse_maml.cli import train
 
     cut = tmp_path / "cut"
     config = _tiny_config(cut, "inner.mask_generator=true")
@@ -136,7 +138,7 @@ def test_in_process_stop_and_resume_is_exact(tmp_path, generator_reference, stop
 def test_extending_a_finished_run_from_its_epoch_end_checkpoint_is_exact(tmp_path):
     """A 1-epoch run continued with train.epochs=2 equals the 2-epoch run (sparse-MAML+: the
     generator's RNG state must be restored before the next epoch's loader starts)."""
-    import train
+    from sparse_maml.cli import train
 
     def config(run_dir: Path, epochs: int):
         # Validating every epoch: the last epoch of the 1-epoch run is validated either way.
@@ -211,8 +213,7 @@ def test_nan_guard_exit_status_through_train_py(tmp_path):
 def test_second_signal_exits_at_once(tmp_path):
     """The first SIGTERM only sets the flag; the second kills the process by that signal."""
     script = ("import os, signal, sys, time\n"
-              "sys.path.insert(0, sys.argv[1])\n"
-              "from sparse_maml.training import StopSignal\n"
+              "from sparse_maml.cli.train import StopSignal\n"
               "with StopSignal() as stop:\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n"
               "    time.sleep(0.1)\n"
@@ -228,7 +229,7 @@ def test_second_signal_exits_at_once(tmp_path):
 
 def test_used_run_folder_is_refused_then_resume_auto_continues(tmp_path, capsys):
     """A folder holding a run is not overwritten; run.resume=auto continues it (extending epochs)."""
-    import train
+    from sparse_maml.cli import train
 
     run_dir = tmp_path / "run"
     base = [*TINY, f"run.dir={run_dir}", "train.batches_per_epoch=4"]
@@ -249,7 +250,7 @@ def test_used_run_folder_is_refused_then_resume_auto_continues(tmp_path, capsys)
 def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, capsys):
     """Damage the newest checkpoint of a finished run: resume warns, names it, uses the older one,
     and replays to the same records and weights."""
-    import train
+    from sparse_maml.cli import train
 
     run_dir = train.main(_tiny_config(tmp_path / "run", "train.epochs=1", "run.checkpoint_every=2"))
     expected, weights = without_time(read_metrics(run_dir)), final_weights(run_dir)
@@ -266,7 +267,7 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, capsys):
 
 def test_resume_refuses_model_changes_listing_each(tmp_path):
     """--resume with a model-changing override names every differing key, old -> new."""
-    import train
+    from sparse_maml.cli import train
 
     config = _tiny_config(tmp_path / "run", "train.epochs=1")
     run_dir = train.main(config)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sparse_maml.config import load_config, save_config
+from sparse_maml.config import load_config
+from sparse_maml.run_folder import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "run_sparse_MAML.sh"
@@ -129,7 +130,7 @@ def fabricate(root: Path, name: str, row: str, overrides: list[str] = (),
     folder = root / name
     folder.mkdir(parents=True)
     cfg = load_config(ROOT / "configs" / f"{row}.yaml", [*overrides, f"run.dir={folder}"])
-    save_config(cfg, folder / "config.yaml")
+    write_config(cfg, folder / "config.yaml")
     layers = ["body.block1.conv.weight", "body.block2.conv.weight", "body.block3.conv.weight",
               "body.block4.conv.weight", "head.weight"]
     records = []

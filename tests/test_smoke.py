@@ -61,7 +61,7 @@ def test_typo_in_override_is_a_clear_error(tmp_path):
 
 def test_miniimagenet_run_with_cross_domain_test(tmp_path):
     """Train on a tiny MiniImageNet (pickle layout), then test on CUB automatically."""
-    from sparse_maml.data import fixtures
+    import fixtures
 
     mini = fixtures.write_miniimagenet(tmp_path / "mini", "pickle",
                                        fixtures.make_miniimagenet(per_class=4))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import train
+from sparse_maml.cli import train
 from helpers import TINY
 from sparse_maml.config import load_config
 from sparse_maml.training import validates

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -29,22 +28,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sparse_maml import meta_learner
+from sparse_maml.config import load_config
+from sparse_maml.data import Task
+from sparse_maml.meta_learner import MetaLearner, build_meta_learner
+from sparse_maml.runtime import resolve_device
 
-from sparse_maml.config import load_config  # noqa: E402
-from sparse_maml.data import Task  # noqa: E402
-from sparse_maml.meta_learner import MetaLearner, build_meta_learner  # noqa: E402
-from sparse_maml.runtime import resolve_device  # noqa: E402
-
-FIRST_ORDER = ("reference", "loop", "vmap", "compiled")
+FIRST_ORDER = tuple(meta_learner.IMPLEMENTATIONS)  # every implementation runs first order
 WITH_CUDA_GRAPHS = (*FIRST_ORDER, "compiled+cudagraphs")
-SECOND_ORDER = ("reference", "loop", "loop+checkpoint")
-# implementation label -> config overrides
+SECOND_ORDER = ("reference", "loop", "loop+checkpoint")  # compiled is first-order only
+# row label -> config overrides: each implementation, and two variants of one
 IMPLEMENTATIONS = {
-    "reference": ["outer.implementation=reference"],
-    "loop": ["outer.implementation=loop"],
-    "vmap": ["outer.implementation=vmap"],
-    "compiled": ["outer.implementation=compiled"],
+    **{name: [f"outer.implementation={name}"] for name in meta_learner.IMPLEMENTATIONS},
     "compiled+cudagraphs": ["outer.implementation=compiled", "outer.compile_mode=reduce-overhead"],
     "loop+checkpoint": ["outer.implementation=loop", "outer.checkpoint_inner_steps=true"],
 }

@@ -13,18 +13,55 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pickle
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
+from PIL import Image
 
-import torch  # noqa: E402
+from sparse_maml.config import DataConfig
+from sparse_maml.data import build_episodes, build_split, default_device, episode_loader
+from sparse_maml.data.imagenet import write_npy
 
-from sparse_maml.config import DataConfig  # noqa: E402
-from sparse_maml.data import build_episodes, build_split, default_device, episode_loader  # noqa: E402
-from sparse_maml.data.fixtures import make_miniimagenet, write_miniimagenet  # noqa: E402
+
+def write_random_miniimagenet(root: Path, per_class: int, size: int = 84,
+                              classes: tuple[int, ...] = (10, 5, 5)) -> dict[str, Path]:
+    """A MiniImageNet of random JPEG pictures in three layouts; {layout: root}: csv (JPEG files
+    and a CSV per split), npy (the converted arrays the loader maps) and pickle (pixels in one
+    file per split, read into memory)."""
+    rng = np.random.default_rng(0)
+    roots = {layout: root / layout for layout in ("csv", "npy", "pickle")}
+    for folder in roots.values():
+        folder.mkdir(parents=True)
+    (roots["csv"] / "images").mkdir()
+    first = 0
+    for split, count in zip(("train", "val", "test"), classes):
+        names = [f"n{first + c:08d}" for c in range(count)]
+        first += count
+        lines, pixels = ["filename,label"], []
+        for name in names:
+            per_image = []
+            for k in range(per_class):
+                coarse = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+                image = Image.fromarray(coarse).resize((size, size), Image.BILINEAR)
+                filename = f"{name}{k + 1:08d}.jpg"
+                image.save(roots["csv"] / "images" / filename, quality=90)
+                lines.append(f"{filename},{name}")
+                with Image.open(roots["csv"] / "images" / filename) as decoded:
+                    per_image.append(np.asarray(decoded.convert("RGB")))
+            pixels.append(np.stack(per_image))
+        (roots["csv"] / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        write_npy(roots["npy"], split, names, pixels, sum(len(p) for p in pixels), pixels[0].shape[1:])
+        offsets = np.cumsum([0] + [len(p) for p in pixels])
+        with open(roots["pickle"] / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
+            pickle.dump({"image_data": np.concatenate(pixels),
+                         "class_dict": {n: list(range(offsets[k], offsets[k + 1]))
+                                        for k, n in enumerate(names)}}, f)
+    return roots
 
 
 def time_mode(cfg: DataConfig, split_name: str, tasks: int, batch: int, workers: int,
@@ -66,11 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             modes = {"disk/memory (as found)": dataclasses.replace(base, root=args.root)}
             modes["device"] = dataclasses.replace(base, root=args.root, on_device=True)
         else:
-            data = make_miniimagenet(classes=(10, 5, 5), per_class=args.shots + args.query + 4)
+            roots = write_random_miniimagenet(Path(tmp), per_class=args.shots + args.query + 4)
             modes = {}
             for name, layout in (("disk-jpeg", "csv"), ("disk-npy", "npy"), ("memory", "pickle")):
-                root = write_miniimagenet(Path(tmp) / layout, layout, data)
-                modes[name] = dataclasses.replace(base, root=str(root), layout=layout)
+                modes[name] = dataclasses.replace(base, root=str(roots[layout]), layout=layout)
             modes["device"] = dataclasses.replace(modes["memory"], on_device=True)
         print(f"{args.ways}-way {args.shots}-shot {args.query}-query, batches of {args.batch}, "
               f"{args.workers} workers, augment={args.augment}, device mode on {device}")

@@ -29,191 +29,23 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sparse_maml.config import parse_yaml
+from sparse_maml import results
+from sparse_maml.results import (ARCH_LABELS, PROTOCOL_NONE, Run, default_out, find_runs, label,
+                                 report_left_out, warn)
 
-from sparse_maml.config import Config, flatten, to_dict  # noqa: E402
-
-PAPER_FILE = ROOT / "configs" / "paper_results.yaml"
-METHOD_LABELS = {
-    "maml": "MAML", "anil": "ANIL", "boil": "BOIL", "sparse_maml": "sparse-MAML",
-    "sparse_relu_maml": "sparse-ReLU-MAML", "sparse_maml_plus": "sparse-MAML+",
-    "meta_sgd": "Meta-SGD", "relu_lr": "ReLU lr", "exp_lr": "exp lr", "weight_mask": "weight mask",
-}
-ARCH_LABELS = {"conv4": "Conv4", "resnet12": "ResNet-12"}
-# Keys that do not change the experiment: runs differing only here are seeds of one cell.
-HOUSEKEEPING = ("run.", "data.root", "data.layout", "data.download", "data.num_workers",
-                "data.on_device", "outer.implementation", "outer.compile_mode",
-                "outer.checkpoint_inner_steps", "train.eval_batch_size",
-                "train.test_after_training", "outer.max_bad_steps")
-# Test-time overrides (test.py) that keep a record comparable: where the data lives, how many test
-# tasks are drawn and how many are adapted together.
-SAME_EXPERIMENT = ("data.name", "data.root", "data.layout", "data.download", "data.num_workers",
-                   "data.on_device", "train.eval_batch_size", "train.num_test_tasks", "run.")
-PROTOCOL_NONE = "(none)"  # the label of runs whose run.protocol is empty
-
-
-DEFAULTS = flatten(to_dict(Config()))
-
-
-def warn(message: str) -> None:
-    """Tell the user on stderr (these are scripts: what is left out or pooled is never silent)."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl. A half-written last line (a run still writing, or killed
-    mid-write) is skipped with a warning naming the file; a broken line elsewhere is an error."""
-    with open(path) as f:
-        lines = f.read().split("\n")
-    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
-    records = []
-    for position, (number, line) in enumerate(numbered):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if position == len(numbered) - 1:
-                warn(f"{path}: line {number} is incomplete (the run may still be writing it, or was "
-                     f"stopped mid-write); skipped: {line[:60]!r}")
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}); the file is "
-                             "damaged: repair or remove that line") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {number} is not a JSON object")
-        records.append(record)
-    return records
-
-
-def _yaml_value(raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        return raw
-
-
-def changed_keys(record: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    """The overrides of a test.py record that change the experiment: keys outside SAME_EXPERIMENT
-    whose value differs from the run's config (an override equal to the config changes nothing)."""
-    changed = []
-    for item in record.get("overrides") or []:
-        key, _, raw = item.partition("=")
-        if key.startswith(SAME_EXPERIMENT):
-            continue
-        value = _yaml_value(raw)
-        if key not in cfg or json.dumps(value) != json.dumps(cfg[key]):
-            if not (isinstance(value, (int, float)) and isinstance(cfg.get(key), (int, float))
-                    and not isinstance(value, bool) and value == cfg[key]):
-                changed.append(item)
-    return changed
-
-
-def method_of(cfg: dict[str, Any]) -> str:
-    """The method of a flat config: maml/anil/boil, sparse_maml, sparse_relu_maml, ..."""
-    mask, adapt = cfg["inner.mask"], cfg["inner.adapt"]
-    if mask == "none":
-        return {"all": "maml", "head": "anil", "body": "boil"}[adapt]
-    if mask == "binary_ste":
-        if cfg["inner.mask_target"] == "weight":
-            method = "weight_mask"
-        else:
-            method = "sparse_maml_plus" if cfg["inner.mask_generator"] else "sparse_maml"
-    else:
-        method = {"relu_ste": "sparse_relu_maml", "relu": "relu_lr", "linear": "meta_sgd",
-                  "exp": "exp_lr"}[mask]
-    return method if adapt == "all" else f"{method}_{adapt}"
-
-
-@dataclass
-class Run:
-    """One run folder: its flat config and its records."""
-
-    path: Path
-    cfg: dict[str, Any]
-    records: list[dict[str, Any]]
-
-    @property
-    def cell(self) -> tuple[str, str, int, int, str, str]:
-        c = self.cfg
-        return (method_of(c), c["model.arch"], c["data.num_ways"], c["data.num_shots"], c["data.name"],
-                self.protocol)
-
-    @property
-    def protocol(self) -> str:
-        return self.cfg.get("run.protocol") or PROTOCOL_NONE
-
-    def fingerprint(self) -> tuple:
-        return tuple(sorted((k, json.dumps(v)) for k, v in self.cfg.items()
-                            if not k.startswith(HOUSEKEEPING)))
-
-    def select_tests(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
-        """(dataset -> the test record that counts, one line per test record left out and why).
-
-        Counts: test split, made by train.py or by test.py without an experiment-changing override
-        (see changed_keys); of those, the most test tasks, then the latest.
-        """
-        chosen: dict[str, dict[str, Any]] = {}
-        left_out: list[str] = []
-        candidates: dict[str, list[dict[str, Any]]] = {}
-        for record in self.records:
-            if record.get("kind") != "test":
-                continue
-            dataset = record.get("dataset", self.cfg["data.name"])
-            if record.get("split", "test") != "test":
-                left_out.append(f"{dataset} record on the {record['split']} split (not a test result)")
-                continue
-            changed = changed_keys(record, self.cfg)
-            if changed:  # e.g. inner.eval_steps=100: another experiment, not this cell
-                left_out.append(f"{dataset} record made with {' '.join(changed)} (another experiment)")
-                continue
-            candidates.setdefault(dataset, []).append(record)
-        for dataset, records in candidates.items():
-            best = max(range(len(records)), key=lambda i: (int(records[i].get("num_tasks", 0)), i))
-            chosen[dataset] = records[best]
-            for i, record in enumerate(records):
-                if i != best:
-                    left_out.append(f"{dataset} record of {record.get('num_tasks', '?')} tasks "
-                                    f"({100 * record['accuracy']:.2f}%): the record of "
-                                    f"{records[best].get('num_tasks', '?')} tasks counts")
-        return chosen, left_out
-
-    def test_results(self) -> dict[str, dict[str, Any]]:
-        """Dataset -> the test record that counts (see select_tests)."""
-        return self.select_tests()[0]
-
-
-def report_left_out(runs: list["Run"]) -> None:
-    """Warn about every test record that does not count, run by run."""
-    for run in runs:
-        for reason in run.select_tests()[1]:
-            warn(f"{run.path}: left out: {reason}")
-
-
-def find_runs(paths: list[str]) -> list[Run]:
-    """Every run folder (config.yaml + metrics.jsonl) at or below the given paths."""
-    folders: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} does not exist")
-        candidates = [p] if (p / "config.yaml").is_file() else sorted(
-            c.parent for c in p.rglob("config.yaml"))
-        folders += [c for c in candidates if (c / "metrics.jsonl").is_file() and c not in folders]
-    if not folders:
-        raise FileNotFoundError(f"no run folder (config.yaml + metrics.jsonl) under {' '.join(paths)}")
-    runs = []
-    for folder in folders:
-        with open(folder / "config.yaml") as f:
-            cfg = {**DEFAULTS, **flatten(yaml.safe_load(f) or {})}
-        runs.append(Run(folder, cfg, read_records(folder / "metrics.jsonl")))
-    return runs
+PAPER_FILE = Path(__file__).resolve().parents[1] / "configs" / "paper_results.yaml"
+# The first line of every results.md this script writes: a results.md (and results.csv beside it)
+# without it is someone's own file, and is never written over.
+MARK = "<!-- written by utils/collect_results.py -->"
 
 
 @dataclass(frozen=True)
@@ -228,8 +60,7 @@ class Published:
 
 def load_paper(path: Path = PAPER_FILE) -> dict[tuple[str, str, int], Published]:
     """(method, arch, shots) -> the published number (MiniImageNet, 5-way, %)."""
-    with open(path) as f:
-        tree = yaml.safe_load(f)
+    tree = parse_yaml(path.read_text(encoding="utf-8"))
     found = {}
     for method, archs in tree["accuracy"].items():
         for arch, shots in archs.items():
@@ -250,8 +81,7 @@ def load_paper(path: Path = PAPER_FILE) -> dict[tuple[str, str, int], Published]
 
 def load_protocol_names(path: Path = PAPER_FILE) -> dict[str, str]:
     """Protocol label -> its readable name (configs/paper_results.yaml, `protocols`)."""
-    with open(path) as f:
-        tree = yaml.safe_load(f)
+    tree = parse_yaml(path.read_text(encoding="utf-8"))
     return {k: v["name"] for k, v in (tree.get("protocols") or {}).items()}
 
 
@@ -361,15 +191,11 @@ def variant_labels(variants: dict[tuple, list[Run]]) -> dict[tuple, str]:
 
 
 def sort_key(row: Row) -> tuple:
-    methods = list(METHOD_LABELS)
+    methods = list(results.METHOD_LABELS)
     method_rank = methods.index(row.method) if row.method in methods else len(methods)
     return (row.train_dataset, row.arch != "conv4", row.arch, -row.shots, row.cross_domain,
             row.dataset, method_rank, row.method, row.protocol != "reference", row.protocol,
             row.variant)
-
-
-def label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
 
 
 COLUMNS = ["method", "arch", "shots", "protocol", "trained on", "tested on", "variant",
@@ -411,7 +237,7 @@ def paper_grid(rows: list[Row], title: str, keep) -> str:
                  and not r.cross_domain and not r.variant and r.ways == 5 and keep(r)}
         if not cells:
             continue
-        methods = [m for m in METHOD_LABELS if any(k[2] == m for k in cells)]
+        methods = [m for m in results.METHOD_LABELS if any(k[2] == m for k in cells)]
         methods += sorted({k[2] for k in cells} - set(methods))
         settings = sorted({(k[0], k[1]) for k in cells}, key=lambda s: (s[1] != "conv4", s[1], -s[0]))
         lines = [f"In the paper's layout, {title} (trained and tested on {dataset}; ours (paper)):",
@@ -454,9 +280,15 @@ def write_csv(rows: list[Row], path: Path) -> None:
             })
 
 
-def default_out(runs: list[Run]) -> Path:
-    """The common parent folder of the run folders."""
-    return Path(os.path.commonpath([str(r.path.resolve().parent) for r in runs]))
+def check_ours(out: Path) -> None:
+    """Refuse (FileExistsError) to replace a results.md or results.csv in `out` that this script
+    did not write (a results.md without MARK, or a results.csv without such a results.md)."""
+    md = out / "results.md"
+    ours = md.is_file() and md.read_text(encoding="utf-8", errors="replace").startswith(MARK)
+    for path in (md, out / "results.csv"):
+        if path.exists() and not ours:
+            raise FileExistsError(f"{path} exists and was not written by collect_results.py: it is "
+                                  "left as it is; choose another folder with --out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = find_runs(args.runs)
         paper = load_paper(Path(args.paper))
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError, yaml.YAMLError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report_left_out(runs)
@@ -483,10 +315,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: none of the runs has a test result yet", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else default_out(runs)
-    out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, load_protocol_names(Path(args.paper)))
-    (out / "results.md").write_text(text)
-    write_csv(rows, out / "results.csv")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        check_ours(out)
+        (out / "results.md").write_text(f"{MARK}\n\n{text}")
+        write_csv(rows, out / "results.csv")
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(text)
     print(f"wrote {out / 'results.md'} and {out / 'results.csv'}")
     return 0

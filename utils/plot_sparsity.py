@@ -37,13 +37,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collect_results import (ARCH_LABELS, HOUSEKEEPING, Run, default_out, find_runs,  # noqa: E402
-                             label, method_of, report_left_out, warn)
-
 import torch  # noqa: E402
 
+from sparse_maml.config import SEED_POOLED, is_custom_arch  # noqa: E402
 from sparse_maml.models import build_model, conv_weight_names  # noqa: E402
+from sparse_maml.results import (ARCH_LABELS, Run, default_out, find_runs, label,  # noqa: E402
+                                 method_of, report_left_out, warn)
 
 FORMATS = ("png", "pdf", "svg")
 LAYER_VIEWS = ("conv", "blocks", "all")
@@ -73,8 +72,11 @@ def save(fig, stem: Path, formats: tuple[str, ...]) -> list[Path]:
 
 def tensor_sizes(run: Run) -> dict[str, tuple[int, bool]]:
     """Parameter name -> (number of entries, is a conv weight), from the model the config builds
-    (on the meta device: nothing is allocated)."""
+    (on the meta device: nothing is allocated). Empty for a backbone of your own: building it would
+    import the code the run folder names."""
     c = run.cfg
+    if is_custom_arch(c["model.arch"]):
+        return {}
     with torch.device("meta"):
         model = build_model(c["model.arch"], 3, c["data.num_ways"], 84, tuple(c["model.widths"]))
     conv = set(conv_weight_names(model))
@@ -92,9 +94,10 @@ def sparsity_series(run: Run, train: list[dict], view: str) -> dict[str, list[fl
     names = list(train[-1]["layer_sparsity"])
     sizes = tensor_sizes(run)
     unknown = [n for n in names if n not in sizes]
-    if unknown:  # a config that no longer builds the logged model: show what was logged
+    if unknown and sizes:  # a config that no longer builds the logged model: show what was logged
         warn(f"{run.path}: masked tensors {', '.join(unknown)} are not in the model its config "
              "builds; drawing every logged tensor")
+    if unknown:
         view = "all"
     conv = [n for n in names if n in sizes and sizes[n][1]]
     if view == "conv" and (len(conv) > MAX_LINES or not conv):
@@ -260,7 +263,7 @@ def sweep_points(runs: list[Run], key: str) -> dict[str, dict[float, list[tuple[
             warn(f"{run.path} has no test result on {run.cfg['data.name']}; left out of the sweep")
             continue
         rest = tuple(sorted((k, repr(v)) for k, v in run.cfg.items()
-                            if k != key and not k.startswith(HOUSEKEEPING)))
+                            if k != key and k not in SEED_POOLED))
         groups.setdefault((run.cell, run.protocol, rest), []).append(run)
     by_name: dict[str, list[tuple]] = {}
     for group in groups:

@@ -1,4 +1,4 @@
-"""Tiny generated datasets in every supported layout, for tests and the data benchmark.
+"""Tiny generated datasets in every supported layout, for the tests.
 
 Images are random uint8 pictures passed once through JPEG, so the layouts that store JPEG files
 (csv, folder) and those that store pixels (npy, hdf5, pickle) hold exactly the same images.
@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .photos import class_split
+from sparse_maml.data.photos import class_split
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -74,7 +74,7 @@ def write_miniimagenet(root: Path, layout: str, data: MiniData, val_name: str = 
         disk_split = val_name if split == "val" else split
         pixels = [np.stack([p for _, p in images]) for images in classes]  # per class (n, H, W, 3)
         if layout == "npy":
-            from .imagenet import write_npy
+            from sparse_maml.data.imagenet import write_npy
 
             write_npy(root, split, names, pixels, sum(len(p) for p in pixels), pixels[0].shape[1:])
         elif layout == "hdf5":
