@@ -5,8 +5,9 @@
         --from-archive ~/car_ims.tgz --from-archive ~/cars_annos.mat
 
 Downloads resume from a `.part` file and retry with backoff; checksums are verified where pinned.
-Nothing is moved into --root until the dataset is complete; a marker `.prepared-<dataset>.json`
-with the archives' checksums is written last. See docs/datasets.md.
+Nothing is moved into --root until the dataset is complete, only the entries the dataset needs are
+moved, and nothing already in --root is replaced; a marker `.prepared-<dataset>.json` with the
+archives' checksums is written last. See docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             print(open_split(args.dataset, args.root, split).describe())
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a folder that cannot be created or written, a full disk
+        print(f"error: {err.strerror or err}: {err.filename or args.root}", file=sys.stderr)
         return 1
     record = json.loads(Path(marker).read_text())
     if record.get("found"):
