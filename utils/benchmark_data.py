@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from sparse_maml.config import DataConfig  # noqa: E402
-from sparse_maml.data import build_episodes, build_split, default_device, episode_loader  # noqa: E402
+from sparse_maml.data import (DataError, build_episodes, build_split, default_device,  # noqa: E402
+                               episode_loader)
 from sparse_maml.data.fixtures import make_miniimagenet, write_miniimagenet  # noqa: E402
+from sparse_maml.runtime import error_message  # noqa: E402
 
 
 def time_mode(cfg: DataConfig, split_name: str, tasks: int, batch: int, workers: int,
@@ -75,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.ways}-way {args.shots}-shot {args.query}-query, batches of {args.batch}, "
               f"{args.workers} workers, augment={args.augment}, device mode on {device}")
         for name, cfg in modes.items():
-            setup, rate = time_mode(cfg, args.split, args.tasks, args.batch,
-                                    0 if cfg.on_device else args.workers, args.augment,
-                                    device if cfg.on_device else torch.device("cpu"))
+            try:
+                setup, rate = time_mode(cfg, args.split, args.tasks, args.batch,
+                                        0 if cfg.on_device else args.workers, args.augment,
+                                        device if cfg.on_device else torch.device("cpu"))
+            except DataError as err:  # --root holds a missing, corrupt or refused dataset
+                print(f"error: {error_message(err)}", file=sys.stderr)
+                return 1
             print(f"  {name:24s} {rate:8.1f} episodes/s   (setup {setup:.2f} s)")
     return 0
 
