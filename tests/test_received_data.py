@@ -393,6 +393,43 @@ def _tar_bomb(ws):
     return lambda: dl.extract(path, ws.root / "out")
 
 
+def _pickle_doubling_bytes(ws):
+    """mini-imagenet-cache pickles whose image_data is b'xx' hex-encoded 40 times over: 215 bytes
+    of file asking for 2 TB."""
+    call = b"c_codecs\nencode\n"
+    data = b"C\x02xx"
+    for _ in range(40):
+        data = call + data + b"X\x03\x00\x00\x00hex\x86R"
+    content = b"\x80\x02}(X\n\x00\x00\x00image_data" + data + b"X\n\x00\x00\x00class_dict}u."
+    root = ws.root / "mini"
+    root.mkdir()
+    for split in ("train", "val", "test"):
+        (root / f"mini-imagenet-cache-{split}.pkl").write_bytes(content)
+    return within_memory(lambda: open_split("miniimagenet", root, "train"), 2**20)
+
+
+def _tiered_one_image_many_times(ws):
+    """A tiered-imagenet.tar whose pickles list one PNG 100,000 times (a few bytes per listing)."""
+    source = ws.root / "source" / "tiered"
+    tiered_pickles(source, [0])
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buffer, format="PNG")
+    png = np.frombuffer(buffer.getvalue(), np.uint8)
+    (source / "train_images_png.pkl").write_bytes(pickle.dumps([png] * 100_000))
+    (source / "train_labels.pkl").write_bytes(pickle.dumps(
+        {"label_specific": np.zeros(100_000, np.int8)}, protocol=2))
+    archive = ws.root / "tiered-imagenet.tar"
+    with tarfile.open(archive, "w") as tar:  # uncompressed, as the real one
+        tar.add(source, arcname="tiered")
+    ws.monkeypatch.setitem(dl.ARCHIVES, "tieredimagenet", [dl.Archive("tiered-imagenet.tar", ())])
+    return lambda: prepare_data.main(["tieredimagenet", "--root", str(ws.root / "data"),
+                                      "--from-archive", str(archive), "--no-progress"])
+
+
+def _nothing_prepared(ws, result, out):
+    assert not (ws.root / "data").exists()
+
+
 def _nothing_extracted_beyond_the_bound(ws, result, out):
     assert sum(p.stat().st_size for p in (ws.root / "out").rglob("*") if p.is_file()) < 2**20
 
@@ -467,6 +504,11 @@ ROWS = [
         DataError, "images of shape (100000, 100000, 3) are not"),
     Row(".mat variable declaring 2 million elements", _mat_declares_huge, DataError,
         "variable 'annotations' declares shape (1, 2000000)"),
+    Row("pickle doubling bytes with the hex codec", _pickle_doubling_bytes, DataError,
+        "was refused: it calls _codecs.encode with bytes and codec 'hex'"),
+    Row("tieredImageNet archive listing one image 100,000 times", _tiered_one_image_many_times, 1,
+        "its train split lists 100,000 images, 2,116,800,000 bytes once converted",
+        keep=("tiered-imagenet.tar",), after=_nothing_prepared),
     Row("zip unpacking to 1000 times its size", _zip_bomb, DataError,
         "refused as a decompression bomb", after=_nothing_extracted_beyond_the_bound),
     Row("tar.gz unpacking to 1000 times its size", _tar_bomb, DataError,

@@ -315,6 +315,19 @@ def progress_path(root: Path, dataset: str) -> Path:
     return Path(root) / f".preparing-{dataset}.json"
 
 
+def _check_converted_size(split: FewShotSplit, before: int, archives: list[Path]) -> int:
+    """Bytes of the npy form so far, `split` included; refused when over MAX_EXPANSION times the
+    archives: a small pickle can list one image a million times, each 84 x 84 x C bytes on disk."""
+    images = sum(split.class_size(c) for c in range(split.num_classes))
+    converted = before + images * NATIVE_SIZE**2 * split.channels
+    limit = MAX_EXPANSION * sum(max(p.stat().st_size, 1) for p in archives)
+    if converted > limit:
+        raise DataError(f"{', '.join(str(p) for p in archives)}: its {split.split} split lists "
+                        f"{images:,} images, {converted:,} bytes once converted with those before, "
+                        f"over {MAX_EXPANSION} times the archive's size; refused")
+    return converted
+
+
 def _move_into(src: Path, names: Sequence[str], root: Path, dataset: str) -> list[str]:
     """Move the entries `names` of `src` (those present) into `root`; returns what was moved.
 
@@ -433,8 +446,11 @@ def prepare(dataset: str, root: str | Path, from_archive: Sequence[str | Path] =
                 extract(path, extracted)
             found = _find_dataset_root(extracted, dataset, open_split)
             if dataset in CONVERTED:
+                converted = 0  # one split open at a time: tieredImageNet's pickles are GBs
                 for split in ("train", "val", "test"):
-                    write_npy_split(open_split(found, split), out, progress)
+                    opened = open_split(found, split)
+                    converted = _check_converted_size(opened, converted, paths)
+                    write_npy_split(opened, out, progress)
                 moved = _move_into(out, sorted(p.name for p in out.iterdir()), root, dataset)
             else:
                 moved = _move_into(found, DATASET_ENTRIES[dataset], root, dataset)

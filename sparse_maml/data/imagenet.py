@@ -182,6 +182,16 @@ SAFE_PICKLE_GLOBALS = frozenset({
 })
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """_codecs.encode as protocol-2 pickles use it (bytes written as latin1 text). Other codecs are
+    refused: 'hex' doubles its input, so a few nested calls in a small file would ask for TBs."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"it calls _codecs.encode with {type(text).__name__} and "
+                                     f"codec {encoding!r}; a dataset pickle only encodes text as "
+                                     "latin1")
+    return text.encode("latin1")
+
+
 class _DataUnpickler(pickle.Unpickler):
     """Admits dicts, lists, tuples, strings, bytes, numbers and NumPy arrays; nothing callable."""
 
@@ -190,6 +200,8 @@ class _DataUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a dataset pickle "
                                          "never holds (only dicts, lists, strings, bytes and NumPy "
                                          "arrays are read); nothing in it was run")
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         return super().find_class(module, name)
 
 
