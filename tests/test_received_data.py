@@ -430,6 +430,18 @@ def _nothing_prepared(ws, result, out):
     assert not (ws.root / "data").exists()
 
 
+def _tar_member_climbs_out(ws):
+    path = ws.root / "archive" / "CUB_200_2011.tgz"
+    path.parent.mkdir()
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("CUB_200_2011/../../notes.txt")
+        info.size = 8
+        tar.addfile(info, io.BytesIO(b"replaced"))
+    (ws.root / "notes.txt").write_text("the user's")
+    (ws.root / "archive" / "out").mkdir()
+    return lambda: dl.extract(path, ws.root / "archive" / "out")
+
+
 def _nothing_extracted_beyond_the_bound(ws, result, out):
     assert sum(p.stat().st_size for p in (ws.root / "out").rglob("*") if p.is_file()) < 2**20
 
@@ -509,6 +521,8 @@ ROWS = [
     Row("tieredImageNet archive listing one image 100,000 times", _tiered_one_image_many_times, 1,
         "its train split lists 100,000 images, 2,116,800,000 bytes once converted",
         keep=("tiered-imagenet.tar",), after=_nothing_prepared),
+    Row("tar member ../../notes.txt", _tar_member_climbs_out, DataError,
+        "which is outside the destination; refused", keep=("notes.txt",)),
     Row("zip unpacking to 1000 times its size", _zip_bomb, DataError,
         "refused as a decompression bomb", after=_nothing_extracted_beyond_the_bound),
     Row("tar.gz unpacking to 1000 times its size", _tar_bomb, DataError,

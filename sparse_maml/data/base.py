@@ -118,8 +118,8 @@ def read_text(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
     try:
         size = path.stat().st_size
         if size > limit:
-            raise DataError(f"{what} {path} is {size:,} bytes, more than the {limit:,} such a file "
-                            "can hold; it is not one")
+            raise DataError(f"{what} {path} is {size:,} bytes, over the {limit:,}-byte limit for "
+                            "such a file; refused")
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{what} {path} is not UTF-8 text ({err})") from err

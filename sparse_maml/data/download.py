@@ -253,7 +253,7 @@ def extract(path: Path, dest: Path) -> None:
 
             def bounded(member: tarfile.TarInfo, where: str) -> Optional[tarfile.TarInfo]:
                 nonlocal unpacked  # a compressed tar's sizes are known member by member only
-                unpacked += member.size
+                unpacked += member.size + tarfile.BLOCKSIZE  # a header each: empty files count
                 if unpacked > limit:
                     raise _too_big(path, unpacked)
                 return tarfile.data_filter(member, where)
@@ -262,6 +262,9 @@ def extract(path: Path, dest: Path) -> None:
                 t.extractall(dest, filter=bounded)
         else:
             shutil.copy2(path, dest / path.name)
+    except tarfile.FilterError as err:
+        raise DataError(f"archive {path}: {err}; refused (a member would land outside the folder "
+                        "it is extracted into, or is a device or link out of it)") from err
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
         raise DataError(f"archive {path} is corrupt or truncated ({err})") from err
 

@@ -59,13 +59,20 @@ def open_npy(name: str, root: Path, split: str, files: tuple[Path, Path]) -> Few
 
 
 def check_image_shape(shape: tuple[int, ...], where: str) -> None:
-    """Refuse stored images of (H, W) or (H, W, C) `shape` with more than MAX_IMAGE_PIXELS pixels
-    or a channel count other than 1 or 3: reading one would allocate what the shape says."""
+    """Refuse stored images whose `shape` is not (H, W), (H, W, C) or (C, H, W) with C 1 or 3 and
+    at most MAX_IMAGE_PIXELS pixels: reading one allocates what the shape says."""
     shape = tuple(int(n) for n in shape)
-    ok_channels = len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3))
-    if len(shape) not in (2, 3) or not ok_channels or shape[0] * shape[1] > MAX_IMAGE_PIXELS:
-        raise DataError(f"{where}: images of shape {shape} are not (H, W) or (H, W, 1|3) with at "
-                        f"most {MAX_IMAGE_PIXELS:,} pixels")
+    if len(shape) == 2:
+        side = shape
+    elif len(shape) == 3 and shape[2] in (1, 3):
+        side = shape[:2]
+    elif len(shape) == 3 and shape[0] in (1, 3):
+        side = shape[1:]
+    else:
+        side = (MAX_IMAGE_PIXELS + 1, 1)
+    if side[0] * side[1] > MAX_IMAGE_PIXELS:
+        raise DataError(f"{where}: images of shape {shape} are not (H, W), (H, W, 1|3) or "
+                        f"(1|3, H, W) with at most {MAX_IMAGE_PIXELS:,} pixels")
 
 
 def write_npy(root: Path, split: str, classes: list[str], arrays: Iterable[np.ndarray],
@@ -127,7 +134,7 @@ def open_hdf5(name: str, split: str, files: tuple[Path, Path], sort: bool) -> Fe
                 channels = 1
     except DataError:
         raise
-    except (OSError, KeyError) as err:
+    except (OSError, KeyError, AttributeError, TypeError, ValueError) as err:
         raise DataError(f"HDF5 file {data} is corrupt or not in torchmeta's format ({err})") from err
     return Hdf5Split(name, split, data, classes, sizes, channels=channels)
 
@@ -139,7 +146,8 @@ def check_stored(dataset: Any, where: str) -> None:
 
     if dataset.dtype == np.uint8 and dataset.ndim >= 3:
         check_image_shape(dataset.shape[1:], where)
-    elif not (dataset.ndim == 1 and h5py.check_vlen_dtype(dataset.dtype) is not None):
+    elif not ((dataset.ndim == 1 and h5py.check_vlen_dtype(dataset.dtype) is not None)
+              or (dataset.dtype == np.uint8 and dataset.ndim == 2)):  # encoded bytes per row
         raise DataError(f"{where}: holds {dataset.dtype} {dataset.shape}, neither uint8 images nor "
                         "encoded image bytes")
     if dataset.size == 0:
