@@ -201,7 +201,9 @@ def decode_image(data: bytes | str | Path, channels: int, where: str,
         source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         with warnings.catch_warnings():
             # PIL's own bomb check warns (or raises) inside open(); ours below is the one that
-            # counts, so its warning becomes an error caught here, never a line on stderr.
+            # counts, so its warning becomes an error caught here, never a line on stderr. (The
+            # filter is process-wide; images are decoded in the main thread or in DataLoader
+            # worker processes, never on several threads at once.)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
