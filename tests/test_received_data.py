@@ -365,6 +365,24 @@ def _hdf5(ws, shape, chunks=None) -> Callable[[], Any]:
     return lambda: open_split("miniimagenet", root, "train")
 
 
+def _hdf5_compressed_zeros(ws):
+    import h5py
+
+    root = write_miniimagenet(ws.root / "mini", "hdf5", make_miniimagenet((2, 2, 2), 2, size=8))
+    with h5py.File(root / "miniimagenet" / "train_data.hdf5", "a") as f:
+        del f["datasets"]["n00000000"]
+        f["datasets"].create_dataset("n00000000", data=np.zeros((100, 64, 64, 3), np.uint8),
+                                     chunks=(100, 64, 64, 3), compression="gzip")
+    return lambda: open_split("miniimagenet", root, "train")
+
+
+def _npz_as_npy(ws):
+    root = write_miniimagenet(ws.root / "mini", "npy", make_miniimagenet((2, 2, 2), 2, size=8))
+    np.savez(ws.root / "arrays.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    os.replace(ws.root / "arrays.npz", root / "val_images.npy")
+    return lambda: open_split("miniimagenet", root, "val")
+
+
 def _mat_declares_huge(ws):
     from scipy.io import savemat
 
@@ -510,10 +528,14 @@ ROWS = [
         "val_images.npy is corrupt"),
     Row("hdf5 declaring a million unwritten images",
         lambda ws: _hdf5(ws, (10**6, 8, 8, 3), chunks=(1, 8, 8, 3)), DataError,
-        "class 'n00000000': declares (1000000, 8, 8, 3) but stores only 0 bytes"),
+        "class 'n00000000': declares (1000000, 8, 8, 3) (192,000,000 bytes) but stores 0 bytes"),
     Row("hdf5 image of 100000x100000 pixels", lambda ws: _hdf5(ws, (1, 100_000, 100_000, 3),
                                                              chunks=(1, 64, 64, 3)),
         DataError, "images of shape (100000, 100000, 3) are not"),
+    Row("hdf5 class of zeros compressed over 100-fold", _hdf5_compressed_zeros, DataError,
+        "declares (100, 64, 64, 3) (1,228,800 bytes) but stores"),
+    Row("npz archive under the .npy name", _npz_as_npy, DataError,
+        "val_images.npy is an .npz archive, not one .npy array"),
     Row(".mat variable declaring 2 million elements", _mat_declares_huge, DataError,
         "variable 'annotations' declares shape (1, 2000000)"),
     Row("pickle doubling bytes with the hex codec", _pickle_doubling_bytes, DataError,

@@ -110,6 +110,10 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 # at most a few MB, so anything larger is not one of them.
 MAX_TEXT_BYTES = 64 * 2**20
 
+# Stored data (an archive, compressed HDF5 chunks) may expand to at most this many times its own
+# size: images barely compress, so real data is close to 1; more is a decompression bomb.
+MAX_EXPANSION = 100
+
 
 def read_text(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
     """The text of a received `what` file (index file, label file, ...), refused when larger than

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .base import DataError, FewShotSplit
+from .base import MAX_EXPANSION, DataError, FewShotSplit
 
 CHUNK = 1 << 20
 USER_AGENT = "sparse_maml-prepare/1.0"
@@ -94,9 +94,6 @@ DATASET_ENTRIES = {
              "cars_test_annos_withlabels.mat"),
     "omniglot": ("images_background", "images_evaluation", "omniglot-py", "omniglot"),
 }
-# An archive may unpack to at most this many times its own size (images barely compress, so a
-# real one is close to 1); more is a decompression bomb.
-MAX_EXPANSION = 100
 
 
 def marker_path(root: Path, dataset: str) -> Path:

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .base import (MAX_IMAGE_PIXELS, ArraySplit, DataError, EncodedSplit, FewShotSplit, Hdf5Split,
-                   ImageFileSplit, inside, read_text, visible_entries)
+from .base import (MAX_EXPANSION, MAX_IMAGE_PIXELS, ArraySplit, DataError, EncodedSplit,
+                   FewShotSplit, Hdf5Split, ImageFileSplit, inside, read_text, visible_entries)
 from .layouts import Layout
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -47,6 +47,9 @@ def open_npy(name: str, root: Path, split: str, files: tuple[Path, Path]) -> Few
         images = np.load(images_path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"array file {images_path} is corrupt ({err})") from err
+    if not isinstance(images, np.ndarray):  # an .npz archive under the .npy name
+        images.close()
+        raise DataError(f"array file {images_path} is an .npz archive, not one .npy array")
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != sum(counts):
         raise DataError(f"array file {images_path} holds {images.dtype} {images.shape}, but "
                         f"{index_path} lists {sum(counts)} uint8 images")
@@ -141,7 +144,8 @@ def open_hdf5(name: str, split: str, files: tuple[Path, Path], sort: bool) -> Fe
 
 def check_stored(dataset: Any, where: str) -> None:
     """Refuse an HDF5 dataset whose declared shape is not backed by stored data: a few bytes of
-    file can declare millions of images (read back as zeros) or one image of billions of pixels."""
+    file can declare millions of images (read back as zeros), compress them MAX_EXPANSION-fold and
+    more, or declare one image of billions of pixels."""
     import h5py
 
     if dataset.dtype == np.uint8 and dataset.ndim >= 3:
@@ -153,17 +157,19 @@ def check_stored(dataset: Any, where: str) -> None:
     if dataset.size == 0:
         return
     layout = dataset.id.get_create_plist().get_layout()
+    stored, declared = dataset.id.get_storage_size(), dataset.id.get_type().get_size() * dataset.size
     if layout == h5py.h5d.CHUNKED:
         chunks = [-(-n // c) for n, c in zip(dataset.shape, dataset.chunks)]
         complete = dataset.id.get_num_chunks() == int(np.prod(chunks))
+        complete = complete and declared <= MAX_EXPANSION * stored
     elif layout == h5py.h5d.CONTIGUOUS:
-        complete = dataset.id.get_storage_size() >= dataset.id.get_type().get_size() * dataset.size
+        complete = stored >= declared
     else:  # compact: the data is in the header itself
         complete = True
     if not complete:
-        raise DataError(f"{where}: declares {dataset.shape} but stores only "
-                        f"{dataset.id.get_storage_size():,} bytes of it (unwritten parts read as "
-                        "zeros)")
+        raise DataError(f"{where}: declares {dataset.shape} ({declared:,} bytes) but stores "
+                        f"{stored:,} bytes of it (unwritten parts read as zeros; more than "
+                        f"{MAX_EXPANSION}-fold compression is not image data)")
 
 
 def _mini_pickle(root: Path, split: str) -> Optional[Path]:
