@@ -373,7 +373,11 @@ def read_tiered_pickles(files: tuple[Path, Path]) -> tuple[list[str], list[list[
                         f"{int(present[-1])}, but only {len(present)} classes are present; "
                         f"expected the classes 0..{len(present) - 1} of its {len(images)} images")
     num_classes = len(present)
-    names = [_text(n) for n in labels.get("label_specific_str", [])]
+    try:
+        names = [_text(n) for n in labels.get("label_specific_str", [])]
+    except TypeError as err:
+        raise DataError(f"pickle file {labels_path}: label_specific_str is not a list of class "
+                        f"names ({err})") from err
     if len(names) != num_classes:
         names = [str(c) for c in range(num_classes)]
     members: list[list[Any]] = [[] for _ in range(num_classes)]

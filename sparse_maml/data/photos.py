@@ -96,6 +96,15 @@ def _box(record: Any) -> tuple[int, int, int, int]:
     return (int(record.bbox_x1), int(record.bbox_y1), int(record.bbox_x2), int(record.bbox_y2))
 
 
+def _class_names(mat: dict[str, Any], path: Path) -> list[str]:
+    """The `class_names` of an annotation file, as strings."""
+    names = mat.get("class_names", [])
+    if isinstance(names, str) or not hasattr(names, "__iter__"):
+        raise DataError(f"annotation file {path}: class_names is {type(names).__name__}, not a list "
+                        "of class names")
+    return [str(n) for n in names]
+
+
 def _annotated(records: list[Any], folder: Path, file_field: str, path: Path
                ) -> list[tuple[Path, tuple[int, int, int, int], int]]:
     """(image file, box, 1-based class) of each annotation record; a file outside `folder` or a
@@ -144,13 +153,14 @@ def _cars_split(dataset_root: Path, split: str, class_names: list[str],
 def open_cars_annos(root: Path, split: str, found: tuple[Path, Path]) -> FewShotSplit:
     mat_path, _ = found
     mat = _loadmat(mat_path)
-    names = [str(n) for n in mat.get("class_names", [])]
+    names = _class_names(mat, mat_path)
     images = _annotated(_records(mat, mat_path), root, "relative_im_path", mat_path)
     return _cars_split(root, split, names, images)
 
 
 def open_cars_devkit(root: Path, split: str, found: Path) -> FewShotSplit:
-    names = [str(n) for n in _loadmat(root / "devkit" / "cars_meta.mat").get("class_names", [])]
+    meta = root / "devkit" / "cars_meta.mat"
+    names = _class_names(_loadmat(meta), meta)
     images = []
     for mat_path, folder in ((root / "devkit" / "cars_train_annos.mat", root / "cars_train"),
                              (root / "cars_test_annos_withlabels.mat", root / "cars_test")):
