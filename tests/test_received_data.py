@@ -53,7 +53,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load_prepare_data():
-    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "utils" / "prepare_data.py")
+    path = ROOT / "utils" / "prepare_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_data", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -90,7 +91,8 @@ class Row:
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose valid header declares width x height grey pixels, with one empty data chunk."""
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
@@ -491,8 +493,8 @@ ROWS = [
         "cars_annos.mat, record 2: entry '../secret.jpg' is not a path inside"),
     # 4. Decompression bombs: our limit, our message, wherever the image is decoded.
     Row("100000x100000 PNG under --check-data", _bomb_check_data, 1,
-        "bomb.png declares 10,000,000,000 pixels, more than the limit", keep=("data/val/c1/bomb.png",),
-        one_line=False),
+        "bomb.png declares 10,000,000,000 pixels, more than the limit",
+        keep=("data/val/c1/bomb.png",), one_line=False),
     Row("100000x100000 PNG in a DataLoader worker (train.py)", _bomb_in_worker, 1,
         "declares 10,000,000,000 pixels, more than the limit of 67,108,864 (8192 x 8192); "
         "refused before decoding (in a DataLoader worker)"),
@@ -622,7 +624,8 @@ DEEP_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("data, expected", [r[1:] for r in DEEP_ROWS], ids=[r[0] for r in DEEP_ROWS])
+@pytest.mark.parametrize("data, expected", [r[1:] for r in DEEP_ROWS],
+                         ids=[r[0] for r in DEEP_ROWS])
 def test_deep_images_are_scaled_not_clipped(data, expected):
     image = decode_image(data, 1, "deep.tif")
     assert torch.equal(image[0], torch.from_numpy(expected.astype(np.uint8)))
@@ -644,5 +647,6 @@ def test_statistics_record_its_content_key_and_are_exposed(tmp_path):
     assert (split.mean, split.std) == (statistics.mean, statistics.std)
     record = json.loads((root / normalization.STATISTICS_FILE).read_text())
     assert record["3x8"]["content_key"] == statistics.content_key
-    assert normalization.normalization_statistics(dataclasses.replace(config, normalize="none")) is None
+    unnormalised = dataclasses.replace(config, normalize="none")
+    assert normalization.normalization_statistics(unnormalised) is None
     assert MAX_IMAGE_PIXELS == 8192 * 8192

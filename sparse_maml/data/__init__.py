@@ -130,8 +130,8 @@ def build_episodes(data, split: FewShotSplit, seed: int, augment: bool,
     return EpisodeDataset(split, data.num_ways, data.num_shots, data.num_query, seed, transform)
 
 
-__all__ = ["BadImages", "DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan", "EpisodeTransform",
-           "FewShotSplit", "SPLITS", "SyntheticGlyphs", "Task", "build_episodes", "build_split",
-           "check_episode_sizes", "check_present", "dataset_layouts", "default_device",
-           "episode_loader", "find_bad_images", "normalization_statistics", "open_split",
-           "stack_tasks", "task_seed", "TrainStatistics"]
+__all__ = ["BadImages", "DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan",
+           "EpisodeTransform", "FewShotSplit", "SPLITS", "SyntheticGlyphs", "Task",
+           "TrainStatistics", "build_episodes", "build_split", "check_episode_sizes",
+           "check_present", "dataset_layouts", "default_device", "episode_loader",
+           "find_bad_images", "normalization_statistics", "open_split", "stack_tasks", "task_seed"]

@@ -157,7 +157,8 @@ def check_stored(dataset: Any, where: str) -> None:
     if dataset.size == 0:
         return
     layout = dataset.id.get_create_plist().get_layout()
-    stored, declared = dataset.id.get_storage_size(), dataset.id.get_type().get_size() * dataset.size
+    stored = dataset.id.get_storage_size()
+    declared = dataset.id.get_type().get_size() * dataset.size
     if layout == h5py.h5d.CHUNKED:
         chunks = [-(-n // c) for n, c in zip(dataset.shape, dataset.chunks)]
         complete = dataset.id.get_num_chunks() == int(np.prod(chunks))

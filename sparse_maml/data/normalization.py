@@ -37,7 +37,7 @@ CHUNK = 2**20
 
 
 class TrainStatistics(NamedTuple):
-    """Per-channel mean and std of a train split, and the content key of the images they describe."""
+    """Per-channel mean and std of a train split, and the content key of its images."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -55,7 +55,8 @@ def content_key(split: ImageFileSplit) -> str:
                     for block in iter(lambda: f.read(CHUNK), b""):
                         file_digest.update(block)
             except OSError as err:
-                raise DataError(f"image file {path} cannot be read ({err.strerror or err})") from err
+                raise DataError(f"image file {path} cannot be read "
+                                f"({err.strerror or err})") from err
             digest.update(f"{name}/{path.name}:{file_digest.hexdigest()}\n".encode())
     return digest.hexdigest()
 

@@ -75,8 +75,9 @@ def _loadmat(path: Path) -> dict[str, Any]:
         declared = whosmat(str(path))  # names and shapes from the headers; no data is read
         for name, shape, _ in declared:
             if int(np.prod(shape, dtype=np.float64)) > MAX_MAT_ELEMENTS:
-                raise DataError(f"annotation file {path}: variable {name!r} declares shape {shape}, "
-                                f"more than the {MAX_MAT_ELEMENTS:,} elements an annotation holds")
+                raise DataError(f"annotation file {path}: variable {name!r} declares shape "
+                                f"{shape}, more than the {MAX_MAT_ELEMENTS:,} elements an "
+                                "annotation holds")
         return loadmat(str(path), squeeze_me=True, struct_as_record=False)
     except DataError:
         raise
@@ -100,8 +101,8 @@ def _class_names(mat: dict[str, Any], path: Path) -> list[str]:
     """The `class_names` of an annotation file, as strings."""
     names = mat.get("class_names", [])
     if isinstance(names, str) or not hasattr(names, "__iter__"):
-        raise DataError(f"annotation file {path}: class_names is {type(names).__name__}, not a list "
-                        "of class names")
+        raise DataError(f"annotation file {path}: class_names is {type(names).__name__}, not a "
+                        "list of class names")
     return [str(n) for n in names]
 
 
