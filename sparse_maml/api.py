@@ -27,9 +27,11 @@ from torch.utils.data import Dataset
 from . import checkpoint
 from .checkpoint import rng_states, set_rng_states
 from .config import Config
-from .data import EpisodeDataset, EpisodeTransform, FewShotSplit, Task, build_episodes
+from .data import (EpisodeDataset, EpisodeTransform, FewShotSplit, Task, build_episodes,
+                   check_input_record, input_record)
 from .data.base import decode_image
-from .evaluation import EVAL_SEED, evaluate, evaluate_split, evaluation_split, restore_learner
+from .evaluation import (EVAL_SEED, evaluate, evaluate_split, evaluation_split, load_checkpoint,
+                         restore_learner)
 from .inner_loop import Params, adapt_reference
 from .meta_learner import MetaLearner
 from .run_folder import load_run
@@ -67,16 +69,18 @@ class TaskList(Dataset):
 class Learner:
     """A trained meta-learner ready for new tasks: its config, theta, masks and input transform."""
 
-    def __init__(self, meta: MetaLearner, config: Config, train_split: FewShotSplit,
-                 device: torch.device, state: Optional[dict] = None):
+    def __init__(self, meta: MetaLearner, config: Config, inputs: dict, device: torch.device,
+                 state: Optional[dict] = None, source: str = ""):
         self.meta = meta
         self.config = config
         self.device = device
-        self.channels = train_split.channels
-        self.image_size = config.data.image_size or train_split.native_size
+        self.inputs = inputs  # how the run reads its inputs (data.input_record)
+        self.source = source  # the checkpoint the inputs record comes from
+        self.channels, self.image_size = inputs["channels"], inputs["image_size"]
         # The training inputs' transform without augmentation: resize, scale, normalise.
-        self.transform = EpisodeTransform(self.image_size, self.channels, train_split.normalize,
-                                          False, train_split.mean, train_split.std)
+        statistics = {"mean": inputs["mean"], "std": inputs["std"]} if inputs["normalize"] else {}
+        self.transform = EpisodeTransform(self.image_size, self.channels, inputs["normalize"],
+                                          False, **statistics)
         self.checkpoint_info = {k: v for k, v in (state or {}).items() if k != "learner"}
 
     @classmethod
@@ -85,8 +89,9 @@ class Learner:
         """A run folder (its best.pt) or a checkpoint file inside one, with its config.yaml plus
         dotted `overrides` (e.g. "inner.eval_steps=50"); device defaults to the run's run.device.
 
-        The run's dataset is opened (not read) to learn the input channels, size and normalisation;
-        pass "data.root=..." if it has moved. A backbone the run names as code (file.py:Class,
+        The checkpoint records the input channels, size and normalisation, so no data is needed
+        (checkpoints of older versions: the run's train split is opened to learn them; pass
+        "data.root=..." if it has moved). A backbone the run names as code (file.py:Class,
         module:Class) is imported only with trust_code=True. The model is built under run.seed, as
         test.py builds it; the caller's global random generators are left as they were.
         """
@@ -97,12 +102,18 @@ class Learner:
         caller_rng = rng_states()
         try:
             seed_everything(config.run.seed, config.run.deterministic)  # as test.py: same init draws
-            train_split = evaluation_split(config, "train")
-            image_size = config.data.image_size or train_split.native_size
-            meta, state = restore_learner(config, file, train_split.channels, image_size, resolved)
+            state = load_checkpoint(file, resolved)
+            inputs = state.get("inputs")
+            if inputs is None:
+                train = evaluation_split(config, "train")
+                inputs = input_record(train, config.data.image_size or train.native_size)
+            else:
+                check_input_record(inputs, str(file))
+            meta = restore_learner(config, file, state, inputs["channels"], inputs["image_size"],
+                                   resolved)
         finally:
             set_rng_states(caller_rng)
-        return cls(meta, config, train_split, resolved, state)
+        return cls(meta, config, inputs, resolved, state, str(file))
 
     def __repr__(self) -> str:
         c = self.config
@@ -141,7 +152,7 @@ class Learner:
 
     def dataset(self, split: str = "test") -> FewShotSplit:
         """One split of the run's dataset: raw uint8 images by class (split.load(label, index))."""
-        return evaluation_split(self.config, split)
+        return evaluation_split(self.config, split, self.inputs, self.source)
 
     def episodes(self, split: str = "test") -> EpisodeDataset:
         """The fixed tasks test.py scores: episodes(split)[i] is task i, ready for adapt."""

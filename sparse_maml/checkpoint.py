@@ -265,18 +265,20 @@ def save_checkpoint(exp: Any, run_dir: Path, log: Any) -> Path:
         "rng": rng_states(),
         "metrics_bytes": log.size(),
         "config": to_dict(exp.config),
+        "inputs": exp.inputs,
     }, path)
     prune(run_dir, exp.config.run.keep_checkpoints)
     return path
 
 
-def save_best(learner: torch.nn.Module, state: TrainState, run_dir: Path, val_accuracy: float,
-              val_ci: float) -> None:
-    """Write best.pt (rank 0): the weights test.py and the API read, with their validation score."""
+def save_best(exp: Any, run_dir: Path, val_accuracy: float, val_ci: float) -> None:
+    """Write best.pt (rank 0): the weights test.py and the API read, with their validation score
+    and how the run reads its inputs (so evaluating it needs no train data)."""
     if distributed.is_main_process():
         record_written(run_dir, BEST)
-        save_atomic({"learner": learner.state_dict(), "epoch": state.epoch, "step": state.step,
-                     "val_accuracy": val_accuracy, "val_ci": val_ci}, Path(run_dir) / BEST)
+        save_atomic({"learner": exp.learner.state_dict(), "epoch": exp.state.epoch,
+                     "step": exp.state.step, "val_accuracy": val_accuracy, "val_ci": val_ci,
+                     "inputs": exp.inputs}, Path(run_dir) / BEST)
 
 
 def restore_checkpoint(exp: Any, saved: dict, path: Path) -> None:
@@ -314,6 +316,12 @@ def restore_checkpoint(exp: Any, saved: dict, path: Path) -> None:
     if exp.state.epoch > train.epochs:
         raise ConfigError(f"train.epochs={train.epochs}, but {path} has already completed "
                           f"{exp.state.epoch} epochs")
+    recorded = saved.get("inputs")  # checkpoints of older versions do not record their inputs
+    if isinstance(recorded, dict) and recorded.get("statistics_key") != exp.inputs["statistics_key"]:
+        raise CheckpointError(
+            f"checkpoint {path}: the train images under data.root are not those the run was "
+            "normalised with (their content changed, so would the normalisation statistics); "
+            "restore them, or start a new run")
     _check_rng_states(saved["rng"], path)
     exp.pending_rng = saved["rng"]
 

@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .config import Config
-from .data import (DataError, EpisodeDataset, FewShotSplit, build_episodes, build_split,
-                   episode_loader)
+from .data import (DataError, EpisodeDataset, FewShotSplit, apply_input_record, build_episodes,
+                   build_split, episode_loader)
 from .meta_learner import MetaLearner, build_meta_learner
 from .runtime import resolve_device, seed_everything
 
@@ -55,25 +55,26 @@ def evaluate(learner: MetaLearner, episodes: EpisodeDataset, num_tasks: int, tas
     return distributed.gather_blocks(local, [sum(sizes[b] for b in r) for r in blocks]).numpy()
 
 
-def restore_learner(config: Config, path: Path, in_channels: int, image_size: int,
-                    device: torch.device) -> tuple[MetaLearner, dict]:
-    """The meta-learner built from `config` with the weights of checkpoint `path` (best.pt or a
-    numbered one), and the checkpoint's contents.
-
-    Under torchrun rank 0 reads the file and sends it to the others (no shared folder needed).
-    """
-    learner = build_meta_learner(config, in_channels, image_size).to(device)
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A checkpoint's contents (checkpoint.load); under torchrun rank 0 reads the file and sends
+    it to the others (no shared folder needed)."""
     if distributed.is_distributed():
-        state = distributed.on_main(checkpoint.load, Path(path), map_location="cpu")
-    else:
-        state = checkpoint.load(Path(path), map_location=device)
+        return distributed.on_main(checkpoint.load, Path(path), map_location="cpu")
+    return checkpoint.load(Path(path), map_location=device)
+
+
+def restore_learner(config: Config, path: Path, state: dict, in_channels: int, image_size: int,
+                    device: torch.device) -> MetaLearner:
+    """The meta-learner built from `config` with the weights of `state`, the contents of
+    checkpoint `path` (best.pt or a numbered one)."""
+    learner = build_meta_learner(config, in_channels, image_size).to(device)
     try:
         learner.load_state_dict(state["learner"])
     except RuntimeError as err:
         raise checkpoint.CheckpointError(
             f"{path} does not fit the model built from the config "
             f"(did an override change model.*, data.num_ways or the input channels?): {err}") from err
-    return learner, state
+    return learner
 
 
 def evaluate_split(learner: MetaLearner, config: Config, data_split: FewShotSplit,
@@ -92,12 +93,20 @@ def evaluate_split(learner: MetaLearner, config: Config, data_split: FewShotSpli
                     desc=f"test {config.data.name}/{data_split.split}" if config.run.progress else None)
 
 
-def evaluation_split(config: Config, split: str) -> FewShotSplit:
-    """One split of the run's dataset for evaluation. Evaluation never downloads (opening a
-    received run writes nothing outside its folder): a missing dataset's message names the
-    command that prepares it."""
+def evaluation_split(config: Config, split: str, inputs: Optional[dict] = None,
+                     source: str = "") -> FewShotSplit:
+    """One split of the run's dataset for evaluation, read as the run read its inputs: `inputs`
+    is the record its checkpoint holds (data.input_record; older checkpoints have none, and then
+    the normalisation is found as in training, from the train split).
+
+    Evaluation never downloads (opening a received run writes nothing outside its folder): a
+    missing dataset's message names the command that prepares it.
+    """
+    data = dataclasses.replace(config.data, download=False)
     try:
-        return build_split(dataclasses.replace(config.data, download=False), split)
+        if inputs is None:
+            return build_split(data, split)
+        return apply_input_record(build_split(data, split, normalized=False), inputs, source)
     except DataError as err:
         if not config.data.download:
             raise
@@ -112,10 +121,12 @@ def test_checkpoint(config: Config, run_dir: Path, split: str = "test",
     """
     device = device or resolve_device(config.run.device)
     seed_everything(config.run.seed, config.run.deterministic)
-    data_split = evaluation_split(config, split)
-    image_size = config.data.image_size or data_split.native_size
-    learner, state = restore_learner(config, Path(run_dir) / checkpoint.BEST, data_split.channels,
-                                     image_size, device)
+    path = Path(run_dir) / checkpoint.BEST
+    state = load_checkpoint(path, device)
+    inputs = state.get("inputs")
+    data_split = evaluation_split(config, split, inputs, str(path))
+    image_size = inputs["image_size"] if inputs else config.data.image_size or data_split.native_size
+    learner = restore_learner(config, path, state, data_split.channels, image_size, device)
     accs = evaluate_split(learner, config, data_split, device)
     return accs, {"epoch": state.get("epoch"), "val_accuracy": state.get("val_accuracy"),
                   "sparsity": learner.mask_sparsity()}

@@ -11,7 +11,7 @@ import torch
 from . import distributed
 from .checkpoint import TrainState, set_rng_states
 from .config import Config, ConfigError
-from .data import EpisodeDataset, build_episodes, build_split
+from .data import EpisodeDataset, build_episodes, build_split, input_record
 from .evaluation import EVAL_SEED
 from .meta_learner import MetaLearner, build_meta_learner
 from .runtime import resolve_device, seed_everything
@@ -36,6 +36,7 @@ class Experiment:
     mask_optimizer: Optional[torch.optim.Optimizer]
     train_episodes: EpisodeDataset
     val_episodes: EpisodeDataset
+    inputs: dict  # how the run reads its inputs (data.input_record), saved in its checkpoints
     state: TrainState = field(default_factory=TrainState)
     # RNG states from a checkpoint, applied once the episode loader of the resumed epoch exists
     # (creating a DataLoader iterator draws from torch's generator, which the uninterrupted run
@@ -108,4 +109,5 @@ def build_experiment(config: Config, device: Optional[torch.device] = None) -> E
         train_episodes=build_episodes(config.data, train_split, config.run.seed, config.data.augment,
                                       device=device),
         val_episodes=build_episodes(config.data, val_split, EVAL_SEED, augment=False, device=device),
+        inputs=input_record(train_split, image_size),
     )

@@ -193,7 +193,7 @@ def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, b
                and mean > state.best_val_accuracy)
     if is_best:
         state.best_val_accuracy, state.best_val_ci, state.best_epoch = mean, ci, epoch
-        save_best(learner, state, run_dir, mean, ci)
+        save_best(exp, run_dir, mean, ci)
     log.log("val", state.step, epoch=epoch, accuracy=mean, ci95=ci, best=is_best,
             best_epoch=state.best_epoch)
     sparsity_text = (f", mask sparsity {record['mask_sparsity']:.1%}"
@@ -309,7 +309,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
     bar.close()
     exp.apply_pending_rng()  # resumed a run whose training was already complete
     if state.best_epoch == 0:  # val_from_epoch beyond the last epoch: keep the final weights
-        save_best(learner, state, run_dir, float("nan"), float("nan"))
+        save_best(exp, run_dir, float("nan"), float("nan"))
         if distributed.is_main_process():
             report(f"no validation after train.val_from_epoch={train_cfg.val_from_epoch}: "
                    "best.pt holds the final weights")

@@ -341,3 +341,26 @@ def test_config_limits_name_the_key():
         load_config(None, ["data.num_ways=100000000"])
     with pytest.raises(ConfigError, match="model.widths"):
         load_config(None, ["model.widths=[1000000,2,2,2]"])
+
+
+def test_a_run_moved_without_its_training_data_is_tested_and_loaded(tmp_path, capsys):
+    """The checkpoints record the inputs (channels, size, train statistics): with the train split
+    gone, test.py and Learner.load still read the test split as the run was trained."""
+    from fixtures import make_miniimagenet, write_miniimagenet
+
+    root = write_miniimagenet(tmp_path / "data", "folder", make_miniimagenet((3, 2, 2), 3, 20))
+    run = tmp_path / "run"
+    assert train.cli([*TINY, "data.name=folder", f"data.root={root}", "data.image_size=16",
+                      f"run.dir={run}"]) == 0
+    trained = capsys.readouterr().out
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(run, moved)
+    shutil.rmtree(root / "train")
+    (root / "train_statistics.json").unlink()
+    assert test_script.cli([str(moved)]) == 0
+    out = capsys.readouterr().out
+    # the same tasks, weights and normalisation: the number train.py printed
+    assert out.split(":")[1].split("(")[0].strip() in trained
+    learner = Learner.load(moved)
+    assert learner.inputs["statistics_key"] and len(learner.inputs["mean"]) == 3
+    assert not (root / "train").exists()

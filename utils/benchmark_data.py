@@ -24,8 +24,10 @@ import torch
 from PIL import Image
 
 from sparse_maml.config import DataConfig
-from sparse_maml.data import build_episodes, build_split, default_device, episode_loader
+from sparse_maml.data import (DataError, build_episodes, build_split, default_device,
+                               episode_loader)
 from sparse_maml.data.imagenet import write_npy
+from sparse_maml.runtime import error_message
 
 
 def write_random_miniimagenet(root: Path, per_class: int, size: int = 84,
@@ -111,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.ways}-way {args.shots}-shot {args.query}-query, batches of {args.batch}, "
               f"{args.workers} workers, augment={args.augment}, device mode on {device}")
         for name, cfg in modes.items():
-            setup, rate = time_mode(cfg, args.split, args.tasks, args.batch,
-                                    0 if cfg.on_device else args.workers, args.augment,
-                                    device if cfg.on_device else torch.device("cpu"))
+            try:
+                setup, rate = time_mode(cfg, args.split, args.tasks, args.batch,
+                                        0 if cfg.on_device else args.workers, args.augment,
+                                        device if cfg.on_device else torch.device("cpu"))
+            except DataError as err:  # --root holds a missing, corrupt or refused dataset
+                print(f"error: {error_message(err)}", file=sys.stderr)
+                return 1
             print(f"  {name:24s} {rate:8.1f} episodes/s   (setup {setup:.2f} s)")
     return 0
 

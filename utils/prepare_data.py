@@ -5,8 +5,9 @@
         --from-archive ~/car_ims.tgz --from-archive ~/cars_annos.mat
 
 Downloads resume from a `.part` file and retry with backoff; checksums are verified where pinned.
-Nothing is moved into --root until the dataset is complete; a marker `.prepared-<dataset>.json`
-with the archives' checksums is written last. See docs/datasets.md.
+Nothing is moved into --root until the dataset is complete, only the entries the dataset needs are
+moved, and nothing already in --root is replaced; a marker `.prepared-<dataset>.json` with the
+archives' checksums is written last. See docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sparse_maml.data import DataError, open_split  # noqa: E402
-from sparse_maml.data.download import ARCHIVES, prepare  # noqa: E402
+from sparse_maml.data import DataError, open_split
+from sparse_maml.data.download import ARCHIVES, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             print(open_split(args.dataset, args.root, split).describe())
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a folder that cannot be created or written, a full disk
+        print(f"error: {err.strerror or err}: {err.filename or args.root}", file=sys.stderr)
         return 1
     record = json.loads(Path(marker).read_text())
     if record.get("found"):

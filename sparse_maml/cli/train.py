@@ -154,12 +154,15 @@ def check_data(config: Config) -> int:
     """--check-data: decode every image the run reads once; print the bad files; 0 if none."""
     bad_total = 0
     for what, cfg, split in needed_data(config):
-        data_split = build_split(cfg.data, split)
+        # Unnormalised: train statistics would decode the images and stop at the first bad one.
+        data_split = build_split(cfg.data, split, normalized=False)
         print(f"checking {data_split.describe()} ({what})", flush=True)
         bad = find_bad_images(data_split)
-        for message in bad:
+        for message in bad.first:
             print(f"  bad: {message}")
-        bad_total += len(bad)
+        if bad.count > len(bad.first):
+            print(f"  ... and {bad.count - len(bad.first)} more bad image(s) in this split")
+        bad_total += bad.count
     print(f"{bad_total} bad image(s)" if bad_total else "every image decodes")
     return 1 if bad_total else 0
 

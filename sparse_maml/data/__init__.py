@@ -9,13 +9,14 @@ accelerator.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from .base import DataError, FewShotSplit, Task
 from .folder import open_folder
-from .normalization import configure_normalization
+from .normalization import (TrainStatistics, apply_input_record, check_input_record,
+                            configure_normalization, input_record, normalization_statistics)
 from .episodes import (DeviceEpisodeDataset, EpisodeDataset, EpisodePlan, check_episode_sizes,
                        episode_loader, stack_tasks, task_seed)
 from .imagenet import MINI_LAYOUTS, TIERED_LAYOUTS
@@ -49,16 +50,18 @@ def open_split(name: str, root: str | Path, split: str, layout: str = "auto",
     return resolve(name, Path(root), split, dataset_layouts(name, omniglot_rotations), layout)
 
 
-def build_split(data, split: str) -> FewShotSplit:
+def build_split(data, split: str, normalized: bool = True) -> FewShotSplit:
     """The FewShotSplit named by a DataConfig (`data.name`, `data.root`, `data.layout`), normalised
-    as `data.normalize` asks."""
+    as `data.normalize` asks. `normalized=False` leaves the normalisation unset, so no train
+    statistics are computed (they decode every train image and stop at the first bad one)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    configure = configure_normalization if normalized else (lambda opened, _: opened)
     if data.name == "synthetic":
-        return configure_normalization(SyntheticGlyphs(split, seed=data.synthetic_seed), data)
+        return configure(SyntheticGlyphs(split, seed=data.synthetic_seed), data)
     if data.name == "folder":
         opened = open_folder(data.root, split, 1 if data.grayscale else 3, data.image_size)
-        return configure_normalization(opened, data)
+        return configure(opened, data)
     try:
         opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
     except DataError:
@@ -68,7 +71,7 @@ def build_split(data, split: str) -> FewShotSplit:
 
         prepare(data.name, data.root)
         opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
-    return configure_normalization(opened, data)
+    return configure(opened, data)
 
 
 def check_present(data, split: str) -> None:
@@ -83,20 +86,29 @@ def check_present(data, split: str) -> None:
            data.layout)
 
 
-def find_bad_images(split: FewShotSplit, report=None) -> list[str]:
-    """Decode every image of `split` once; the messages (each naming the file) of those that fail.
-    `report(done, total)` is called after each class."""
-    bad = []
+class BadImages(NamedTuple):
+    """What find_bad_images found: how many images fail, and the messages of the first few."""
+
+    count: int
+    first: list[str]  # one message per image, each naming the file; at most `limit` of them
+
+
+def find_bad_images(split: FewShotSplit, report=None, limit: int = 20) -> BadImages:
+    """Decode every image of `split` once; count those that fail and keep the messages (each
+    naming the file) of the first `limit`. `report(done, total)` is called after each class."""
+    count, first = 0, []
     total = split.num_classes
     for label in range(total):
         for index in range(split.class_size(label)):
             try:
                 split.load(label, index)
             except DataError as err:
-                bad.append(str(err))
+                count += 1
+                if len(first) < limit:
+                    first.append(str(err))
         if report is not None:
             report(label + 1, total)
-    return bad
+    return BadImages(count, first)
 
 
 def default_device() -> torch.device:
@@ -119,7 +131,8 @@ def build_episodes(data, split: FewShotSplit, seed: int, augment: bool,
     return EpisodeDataset(split, data.num_ways, data.num_shots, data.num_query, seed, transform)
 
 
-__all__ = ["DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan", "EpisodeTransform",
-           "FewShotSplit", "SPLITS", "SyntheticGlyphs", "Task", "build_episodes", "build_split",
-           "check_episode_sizes", "check_present", "dataset_layouts", "default_device",
-           "episode_loader", "find_bad_images", "open_split", "stack_tasks", "task_seed"]
+__all__ = ["BadImages", "DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan",
+           "EpisodeTransform", "FewShotSplit", "SPLITS", "SyntheticGlyphs", "Task",
+           "TrainStatistics", "apply_input_record", "build_episodes", "check_input_record", "build_split", "check_episode_sizes",
+           "check_present", "dataset_layouts", "default_device", "episode_loader",
+           "find_bad_images", "input_record", "normalization_statistics", "open_split", "stack_tasks", "task_seed"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -99,12 +101,96 @@ def to_chw(array: np.ndarray, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))  # a writable copy
 
 
-def _eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit grey images (PNG, TIFF) scaled to 8 bits: PIL's convert would clip them at 255."""
+# Decoding refuses images with more pixels than this (a 8192 x 8192 photograph), before any
+# pixel is decoded: a few bytes of PNG or JPEG header can declare 100000 x 100000 pixels, tens of
+# GB once decoded. Few-shot datasets hold images of at most a few thousand pixels a side.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+# Received text files (index, label and statistics JSON, CSV lists) are read whole; a real one is
+# at most a few MB, so anything larger is not one of them.
+MAX_TEXT_BYTES = 64 * 2**20
+
+# Stored data (an archive, compressed HDF5 chunks) may expand to at most this many times its own
+# size: images barely compress, so real data is close to 1; more is a decompression bomb.
+MAX_EXPANSION = 100
+
+
+def read_text(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """The text of a received `what` file (index file, label file, ...), refused when larger than
+    `limit` bytes or not UTF-8; raises DataError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise DataError(f"{what} {path} is {size:,} bytes, over the {limit:,}-byte limit for "
+                            "such a file; refused")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {path} is not UTF-8 text ({err})") from err
+    except OSError as err:
+        raise DataError(f"{what} {path} cannot be read ({err.strerror or err})") from err
+
+
+def inside(root: Path, entry: str, where: str) -> Path:
+    """`root / entry` for a relative path named by a data file (a CSV row, an annotation), refused
+    with a DataError naming `where` and the entry when it is absolute or climbs out of `root`.
+
+    The test is on the path as written, so a folder the user symlinked into `root` still works."""
+    text = str(entry).strip()
+    normal = os.path.normpath(text) if text else ""
+    if (not text or "\x00" in text or os.path.isabs(text) or normal == os.pardir
+            or normal.startswith(os.pardir + os.sep)):
+        raise DataError(f"{where}: entry {text!r} is not a path inside {root}; refused")
+    return Path(root) / normal
+
+
+# Full range of each integer sample type PIL reads into mode I: (lowest, highest) value.
+_INTEGER_RANGES = {(16, False): (0, 2**16 - 1), (16, True): (-2**15, 2**15 - 1),
+                   (32, False): (0, 2**32 - 1), (32, True): (-2**31, 2**31 - 1)}
+
+
+def _integer_range(image: Image.Image) -> tuple[int, int]:
+    """The stored sample type's (lowest, highest) value of a mode I image: TIFF says its bits per
+    sample and sample format; the other formats PIL reads as mode I (16-bit PGM, older PNG) are
+    16-bit unsigned."""
+    tags = getattr(image, "tag_v2", None)
+    bits, signed = 16, False
+    if tags is not None:
+        bits_per_sample, sample_format = tags.get(258, (16,)), tags.get(339, (1,))
+        bits = max(bits_per_sample) if isinstance(bits_per_sample, tuple) else int(bits_per_sample)
+        fmt = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+        signed = int(fmt) == 2
+    return _INTEGER_RANGES.get((32 if bits > 16 else 16, signed), (0, 2**16 - 1))
+
+
+def _eight_bit(image: Image.Image, where: str) -> Image.Image:
+    """Grey images of more than 8 bits scaled to 8 bits (PIL's convert clips them at 255 or 0).
+
+    Integer images (16-bit PNG/TIFF/PGM: modes I;16*, I; 32-bit TIFF: mode I) map the full range of
+    their stored sample type onto 0..255, lowest value to 0 and highest to 255 (65535 / 257 = 255
+    for 16 bits): the same stored value is the same grey in every image of a dataset, as with 8-bit
+    images. Float images (mode F) have no type range; they map [0, 1] onto 0..255 when every pixel
+    lies in [0, 1] (the convention of float images, which keeps brightness comparable across
+    images), and otherwise their own [min, max] (a float image in 0..255 or in physical units
+    becomes visible instead of white). A float image with NaN or infinite pixels is refused.
+    """
     if image.mode.startswith("I;16") or image.mode == "I":
-        scaled = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
-        return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
-    return image
+        lowest, highest = (0, 2**16 - 1) if image.mode.startswith("I;16") else _integer_range(image)
+        values = np.asarray(image, dtype=np.float64)
+        scaled = (values - lowest) * (255.0 / (highest - lowest))
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise DataError(f"image {where} is a float image holding NaN or infinite pixels")
+        low, high = float(values.min()), float(values.max())
+        if low < 0.0 or high > 1.0:
+            scale = 255.0 / (high - low) if high > low else 0.0
+            scaled = (values - low) * scale
+        else:
+            scaled = values * 255.0
+    else:
+        return image
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
 
 
 def decode_image(data: bytes | str | Path, channels: int, where: str,
@@ -112,23 +198,42 @@ def decode_image(data: bytes | str | Path, channels: int, where: str,
     """Decode an image file (a path or its bytes) to uint8 (channels, H, W), cropped to `box`.
 
     `box` is (x1, y1, x2, y2) in pixels, inclusive, as in the Stanford Cars annotations. A file that
-    cannot be decoded raises DataError naming `where`.
+    cannot be decoded, or that declares more than MAX_IMAGE_PIXELS pixels, raises DataError naming
+    `where`; nothing is decoded before the size is checked.
     """
     try:
         source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-        with Image.open(source) as image:
-            image = _eight_bit(image).convert("RGB" if channels == 3 else "L")
-            if box is not None:
-                x1, y1, x2, y2 = (int(v) for v in box)
-                x1, y1 = max(x1, 0), max(y1, 0)
-                x2, y2 = min(x2, image.width - 1), min(y2, image.height - 1)
-                image = image.crop((x1, y1, x2 + 1, y2 + 1))
-            array = np.asarray(image, dtype=np.uint8)
+        with warnings.catch_warnings():
+            # PIL's own bomb check warns (or raises) inside open(); ours below is the one that
+            # counts, so its warning becomes an error caught here, never a line on stderr. (The
+            # filter is process-wide; images are decoded in the main thread or in DataLoader
+            # worker processes, never on several threads at once.)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise DataError(too_many_pixels(where, f"{image.width} x {image.height}"))
+                image = _eight_bit(image, where).convert("RGB" if channels == 3 else "L")
+                if box is not None:
+                    x1, y1, x2, y2 = (int(v) for v in box)
+                    x1, y1 = max(x1, 0), max(y1, 0)
+                    x2, y2 = min(x2, image.width - 1), min(y2, image.height - 1)
+                    image = image.crop((x1, y1, x2 + 1, y2 + 1))
+                array = np.asarray(image, dtype=np.uint8)
     except FileNotFoundError as err:
         raise DataError(f"image file {where} is missing") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # PIL's check ran first (more than its own limit); its message holds the pixel count.
+        count = re.search(r"\((\d+) pixels\)", str(err))
+        raise DataError(too_many_pixels(where, f"{int(count[1]):,}" if count else "more")) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"image {where} is corrupt or not an image ({err})") from err
     return to_chw(array, channels)
+
+
+def too_many_pixels(where: str, pixels: str) -> str:
+    """The message for an image of more than MAX_IMAGE_PIXELS `pixels` (a decompression bomb)."""
+    return (f"image {where} declares {pixels} pixels, more than the limit of "
+            f"{MAX_IMAGE_PIXELS:,} (8192 x 8192); refused before decoding")
 
 
 def visible_entries(folder: Path) -> list[Path]:

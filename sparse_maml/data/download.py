@@ -5,8 +5,11 @@ The flow for `prepare(dataset, root)`:
    HTTP Range from a `.part` file, retried with exponential backoff, tried mirror by mirror);
 2. its md5/sha256 is checked where one is pinned (a mismatch deletes the file and says so);
 3. it is extracted into a temporary folder inside root, converted to the fastest form the loader
-   reads (MiniImageNet/tieredImageNet: memory-mapped `{split}_images.npy`), and only then moved
-   into root, split by split; the marker `.prepared-<dataset>.json` (with the checksums) is written
+   reads (MiniImageNet/tieredImageNet: memory-mapped `{split}_images.npy`), and only then are the
+   entries the readers need (DATASET_ENTRIES) moved into root; the rest of the archive is deleted
+   with the temporary folder. An entry already in root is never replaced unless an earlier,
+   interrupted preparation of the same dataset put it there (recorded in `.preparing-<dataset>.json`
+   before anything moves); the marker `.prepared-<dataset>.json` (with the checksums) is written
    last. A failure removes the temporary folder, so nothing half-written looks like a dataset.
 """
 
@@ -29,7 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .base import DataError, FewShotSplit
+from .base import MAX_EXPANSION, DataError, FewShotSplit
 
 CHUNK = 1 << 20
 USER_AGENT = "sparse_maml-prepare/1.0"
@@ -83,6 +86,14 @@ ARCHIVES: dict[str, list[Archive]] = {
 # Datasets converted to the memory-mapped npy form after extraction (their images share one size).
 CONVERTED = ("miniimagenet", "tieredimagenet")
 NATIVE_SIZE = 84
+# The entries of an extracted archive the readers of each dataset use (photos.py's layouts); only
+# these are moved into root. The converted datasets move the npy files they were converted to.
+DATASET_ENTRIES = {
+    "cub": ("CUB_200_2011", "images"),
+    "cars": ("cars_annos.mat", "car_ims", "devkit", "cars_train", "cars_test",
+             "cars_test_annos_withlabels.mat"),
+    "omniglot": ("images_background", "images_evaluation", "omniglot-py", "omniglot"),
+}
 
 
 def marker_path(root: Path, dataset: str) -> Path:
@@ -213,20 +224,44 @@ def _match_local(archives: list[Archive], given: Sequence[Path]) -> dict[str, Pa
     return found
 
 
+def _too_big(path: Path, unpacked: int) -> DataError:
+    return DataError(f"archive {path} unpacks to more than {unpacked:,} bytes, over "
+                     f"{MAX_EXPANSION} times its own size; refused as a decompression bomb")
+
+
 def extract(path: Path, dest: Path) -> None:
-    """Unpack a tar/zip archive into `dest` (a .mat or other plain file is copied)."""
+    """Unpack a tar/zip archive into `dest` (a .mat or other plain file is copied). Members stay
+    inside `dest` (zipfile's path cleaning, tarfile's `data` filter: no absolute paths, `..`, links
+    out or device files), and the unpacked size is bounded by MAX_EXPANSION."""
+    limit = MAX_EXPANSION * max(path.stat().st_size, 1)
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
+                # Declared sizes bound what zipfile writes: it stops each member at its file_size.
+                unpacked = sum(info.file_size for info in z.infolist())
+                if unpacked > limit:
+                    raise _too_big(path, unpacked)
                 z.extractall(dest)
         elif tarfile.is_tarfile(path):
+            if not hasattr(tarfile, "data_filter"):
+                raise DataError(f"archive {path}: this Python's tarfile cannot extract safely (no "
+                                "data filter); use Python 3.11.4 or later")
+            unpacked = 0
+
+            def bounded(member: tarfile.TarInfo, where: str) -> Optional[tarfile.TarInfo]:
+                nonlocal unpacked  # a compressed tar's sizes are known member by member only
+                unpacked += member.size + tarfile.BLOCKSIZE  # a header each: empty files count
+                if unpacked > limit:
+                    raise _too_big(path, unpacked)
+                return tarfile.data_filter(member, where)
+
             with tarfile.open(path) as t:
-                if hasattr(tarfile, "data_filter"):
-                    t.extractall(dest, filter="data")
-                else:
-                    t.extractall(dest)
+                t.extractall(dest, filter=bounded)
         else:
             shutil.copy2(path, dest / path.name)
+    except tarfile.FilterError as err:
+        raise DataError(f"archive {path}: {err}; refused (a member would land outside the folder "
+                        "it is extracted into, or is a device or link out of it)") from err
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
         raise DataError(f"archive {path} is corrupt or truncated ({err})") from err
 
@@ -275,16 +310,56 @@ def write_npy_split(split: FewShotSplit, out: Path, progress: bool) -> None:
     write_npy(out, split.split, names, arrays(), total, (NATIVE_SIZE, NATIVE_SIZE, split.channels))
 
 
-def _move_into(src: Path, root: Path) -> None:
-    """Move every entry of `src` into `root`, replacing what is there (each move is a rename)."""
-    entries = sorted(src.iterdir(), key=lambda p: p.name.endswith("_index.json"))
-    for entry in entries:  # index files (what makes an npy split visible) go last
+def progress_path(root: Path, dataset: str) -> Path:
+    """The record of the entries a preparation of `dataset` is moving into `root`."""
+    return Path(root) / f".preparing-{dataset}.json"
+
+
+def _check_converted_size(split: FewShotSplit, before: int, archives: list[Path]) -> int:
+    """Bytes of the npy form so far, `split` included; refused when over MAX_EXPANSION times the
+    archives: a small pickle can list one image a million times, each 84 x 84 x C bytes on disk."""
+    images = sum(split.class_size(c) for c in range(split.num_classes))
+    converted = before + images * NATIVE_SIZE**2 * split.channels
+    limit = MAX_EXPANSION * sum(max(p.stat().st_size, 1) for p in archives)
+    if converted > limit:
+        raise DataError(f"{', '.join(str(p) for p in archives)}: its {split.split} split lists "
+                        f"{images:,} images, {converted:,} bytes once converted with those before, "
+                        f"over {MAX_EXPANSION} times the archive's size; refused")
+    return converted
+
+
+def _move_into(src: Path, names: Sequence[str], root: Path, dataset: str) -> list[str]:
+    """Move the entries `names` of `src` (those present) into `root`; returns what was moved.
+
+    Nothing in root is replaced unless an interrupted preparation of `dataset` moved it there (its
+    record lists it): anything else is the user's, and the move is refused before it starts."""
+    record = progress_path(root, dataset)
+    ours: set[str] = set()
+    if record.is_file():
+        try:
+            ours = set(json.loads(record.read_text())["entries"])
+        except (OSError, ValueError, KeyError, TypeError):
+            ours = set()
+    entries = [src / name for name in names if (src / name).exists()]
+    for entry in entries:
+        target = root / entry.name
+        if (target.exists() or target.is_symlink()) and entry.name not in ours:
+            raise DataError(f"{target} is already there and was not written by preparing "
+                            f"{dataset}; move it away or choose another --root (nothing was "
+                            "changed)")
+    moved = [entry.name for entry in entries]
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps({"dataset": dataset, "entries": sorted(ours | set(moved))}))
+    os.replace(tmp, record)
+    # Index files (what makes an npy split visible) go last.
+    for entry in sorted(entries, key=lambda p: p.name.endswith("_index.json")):
         target = root / entry.name
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+            shutil.rmtree(target)  # left by the interrupted preparation the record names
         elif target.exists() or target.is_symlink():
             target.unlink()
         os.replace(entry, target)
+    return moved
 
 
 def _collect(archives: list[Archive], local: dict[str, Path], from_archive: Sequence[str | Path],
@@ -336,6 +411,9 @@ def prepare(dataset: str, root: str | Path, from_archive: Sequence[str | Path] =
             return default_open(dataset, folder, split)
 
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--root {root} is a file, not a folder; name a folder to prepare "
+                        f"{dataset} in")
     marker = marker_path(root, dataset)
     if marker.exists():
         return marker
@@ -368,14 +446,19 @@ def prepare(dataset: str, root: str | Path, from_archive: Sequence[str | Path] =
                 extract(path, extracted)
             found = _find_dataset_root(extracted, dataset, open_split)
             if dataset in CONVERTED:
+                converted = 0  # one split open at a time: tieredImageNet's pickles are GBs
                 for split in ("train", "val", "test"):
-                    write_npy_split(open_split(found, split), out, progress)
-                _move_into(out, root)
+                    opened = open_split(found, split)
+                    converted = _check_converted_size(opened, converted, paths)
+                    write_npy_split(opened, out, progress)
+                moved = _move_into(out, sorted(p.name for p in out.iterdir()), root, dataset)
             else:
-                _move_into(found, root)
+                moved = _move_into(found, DATASET_ENTRIES[dataset], root, dataset)
             tmp_marker = work / marker.name
-            tmp_marker.write_text(json.dumps({"dataset": dataset, "archives": record}, indent=1))
+            tmp_marker.write_text(json.dumps({"dataset": dataset, "archives": record,
+                                              "entries": moved}, indent=1))
             os.replace(tmp_marker, marker)
+            progress_path(root, dataset).unlink()
         finally:
             shutil.rmtree(work, ignore_errors=True)
     except BaseException:

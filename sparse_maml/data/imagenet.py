@@ -15,8 +15,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .base import (ArraySplit, DataError, EncodedSplit, FewShotSplit, Hdf5Split, ImageFileSplit,
-                   visible_entries)
+from .base import (MAX_EXPANSION, MAX_IMAGE_PIXELS, ArraySplit, DataError, EncodedSplit,
+                   FewShotSplit, Hdf5Split, ImageFileSplit, inside, read_text, visible_entries)
 from .layouts import Layout
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -35,22 +35,47 @@ def find_npy(root: Path, split: str) -> Optional[tuple[Path, Path]]:
 def open_npy(name: str, root: Path, split: str, files: tuple[Path, Path]) -> FewShotSplit:
     images_path, index_path = files
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(read_text(index_path, "index file"))
         classes, counts = list(index["classes"]), [int(n) for n in index["counts"]]
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"index file {index_path} is corrupt ({err})") from err
+    if len(counts) != len(classes) or any(n < 0 for n in counts):
+        raise DataError(f"index file {index_path} is corrupt: {len(classes)} classes but "
+                        f"{len(counts)} counts, or a negative count")
     try:
+        # A memory map reads the header only; a shape larger than the file fails here.
         images = np.load(images_path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"array file {images_path} is corrupt ({err})") from err
+    if not isinstance(images, np.ndarray):  # an .npz archive under the .npy name
+        images.close()
+        raise DataError(f"array file {images_path} is an .npz archive, not one .npy array")
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != sum(counts):
         raise DataError(f"array file {images_path} holds {images.dtype} {images.shape}, but "
                         f"{index_path} lists {sum(counts)} uint8 images")
+    check_image_shape(images.shape[1:], f"array file {images_path}")
     starts = np.cumsum([0] + counts)
     rows = [np.arange(starts[c], starts[c + 1]) for c in range(len(classes))]
     channels = 1 if images.ndim == 3 else images.shape[-1]
     return ArraySplit(name, split, classes, [images], rows, channels=channels,
                       source=str(images_path))
+
+
+def check_image_shape(shape: tuple[int, ...], where: str) -> None:
+    """Refuse stored images whose `shape` is not (H, W), (H, W, C) or (C, H, W) with C 1 or 3 and
+    at most MAX_IMAGE_PIXELS pixels: reading one allocates what the shape says."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 2:
+        side = shape
+    elif len(shape) == 3 and shape[2] in (1, 3):
+        side = shape[:2]
+    elif len(shape) == 3 and shape[0] in (1, 3):
+        side = shape[1:]
+    else:
+        side = (MAX_IMAGE_PIXELS + 1, 1)
+    if side[0] * side[1] > MAX_IMAGE_PIXELS:
+        raise DataError(f"{where}: images of shape {shape} are not (H, W), (H, W, 1|3) or "
+                        f"(1|3, H, W) with at most {MAX_IMAGE_PIXELS:,} pixels")
 
 
 def write_npy(root: Path, split: str, classes: list[str], arrays: Iterable[np.ndarray],
@@ -92,8 +117,8 @@ def open_hdf5(name: str, split: str, files: tuple[Path, Path], sort: bool) -> Fe
 
     data, labels_path = files
     try:
-        labels = [str(c) for c in json.loads(labels_path.read_text())]
-    except ValueError as err:
+        labels = [str(c) for c in json.loads(read_text(labels_path, "label file"))]
+    except (ValueError, TypeError) as err:
         raise DataError(f"label file {labels_path} is corrupt ({err})") from err
     try:
         with h5py.File(data, "r") as f:
@@ -103,6 +128,8 @@ def open_hdf5(name: str, split: str, files: tuple[Path, Path], sort: bool) -> Fe
                 raise DataError(f"HDF5 file {data} has no dataset for class {missing[0]!r} listed in "
                                 f"{labels_path} ({len(missing)} missing)")
             classes = sorted(labels) if sort else labels
+            for c in classes:
+                check_stored(group[c], f"HDF5 file {data}, class {c!r}")
             sizes = [len(group[c]) for c in classes]
             first = group[classes[0]] if classes else None
             channels = 3
@@ -110,9 +137,40 @@ def open_hdf5(name: str, split: str, files: tuple[Path, Path], sort: bool) -> Fe
                 channels = 1
     except DataError:
         raise
-    except (OSError, KeyError) as err:
+    except (OSError, KeyError, AttributeError, TypeError, ValueError) as err:
         raise DataError(f"HDF5 file {data} is corrupt or not in torchmeta's format ({err})") from err
     return Hdf5Split(name, split, data, classes, sizes, channels=channels)
+
+
+def check_stored(dataset: Any, where: str) -> None:
+    """Refuse an HDF5 dataset whose declared shape is not backed by stored data: a few bytes of
+    file can declare millions of images (read back as zeros), compress them MAX_EXPANSION-fold and
+    more, or declare one image of billions of pixels."""
+    import h5py
+
+    if dataset.dtype == np.uint8 and dataset.ndim >= 3:
+        check_image_shape(dataset.shape[1:], where)
+    elif not ((dataset.ndim == 1 and h5py.check_vlen_dtype(dataset.dtype) is not None)
+              or (dataset.dtype == np.uint8 and dataset.ndim == 2)):  # encoded bytes per row
+        raise DataError(f"{where}: holds {dataset.dtype} {dataset.shape}, neither uint8 images nor "
+                        "encoded image bytes")
+    if dataset.size == 0:
+        return
+    layout = dataset.id.get_create_plist().get_layout()
+    stored = dataset.id.get_storage_size()
+    declared = dataset.id.get_type().get_size() * dataset.size
+    if layout == h5py.h5d.CHUNKED:
+        chunks = [-(-n // c) for n, c in zip(dataset.shape, dataset.chunks)]
+        complete = dataset.id.get_num_chunks() == int(np.prod(chunks))
+        complete = complete and declared <= MAX_EXPANSION * stored
+    elif layout == h5py.h5d.CONTIGUOUS:
+        complete = stored >= declared
+    else:  # compact: the data is in the header itself
+        complete = True
+    if not complete:
+        raise DataError(f"{where}: declares {dataset.shape} ({declared:,} bytes) but stores "
+                        f"{stored:,} bytes of it (unwritten parts read as zeros; more than "
+                        f"{MAX_EXPANSION}-fold compression is not image data)")
 
 
 def _mini_pickle(root: Path, split: str) -> Optional[Path]:
@@ -139,6 +197,16 @@ SAFE_PICKLE_GLOBALS = frozenset({
 })
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """_codecs.encode as protocol-2 pickles use it (bytes written as latin1 text). Other codecs are
+    refused: 'hex' doubles its input, so a few nested calls in a small file would ask for TBs."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"it calls _codecs.encode with {type(text).__name__} and "
+                                     f"codec {encoding!r}; a dataset pickle only encodes text as "
+                                     "latin1")
+    return text.encode("latin1")
+
+
 class _DataUnpickler(pickle.Unpickler):
     """Admits dicts, lists, tuples, strings, bytes, numbers and NumPy arrays; nothing callable."""
 
@@ -147,6 +215,8 @@ class _DataUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a dataset pickle "
                                          "never holds (only dicts, lists, strings, bytes and NumPy "
                                          "arrays are read); nothing in it was run")
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         return super().find_class(module, name)
 
 
@@ -204,15 +274,20 @@ def _csv_files(root: Path, split: str) -> Optional[Path]:
 
 
 def read_csv(path: Path, image_dir: Path) -> tuple[list[str], list[list[Path]]]:
-    """Classes (sorted) and their image files from a Ravi-style `filename,label` CSV."""
+    """Classes (sorted) and their image files from a Ravi-style `filename,label` CSV; a file name
+    that leaves `image_dir` is refused."""
     by_class: dict[str, list[Path]] = {}
-    with open(path, newline="") as f:
-        for k, row in enumerate(csv.reader(f)):
-            if not row or (k == 0 and row[0].strip().lower() == "filename"):
-                continue
-            if len(row) < 2:
-                raise DataError(f"{path}, line {k + 1}: expected filename,label, got {row}")
-            by_class.setdefault(row[1].strip(), []).append(image_dir / row[0].strip())
+    try:
+        rows = list(csv.reader(read_text(path, "CSV file").splitlines()))
+    except csv.Error as err:
+        raise DataError(f"CSV file {path} is corrupt ({err})") from err
+    for k, row in enumerate(rows):
+        if not row or (k == 0 and row[0].strip().lower() == "filename"):
+            continue
+        if len(row) < 2:
+            raise DataError(f"{path}, line {k + 1}: expected filename,label, got {row}")
+        file = inside(image_dir, row[0], f"{path}, line {k + 1}")
+        by_class.setdefault(row[1].strip(), []).append(file)
     classes = sorted(by_class)
     files = [by_class[c] for c in classes]
     missing = [p for paths in files for p in paths if not p.is_file()]
@@ -283,15 +358,27 @@ def read_tiered_pickles(files: tuple[Path, Path]) -> tuple[list[str], list[list[
     labels = {_text(k): v for k, v in labels.items()}
     if "label_specific" not in labels:
         raise DataError(f"pickle file {labels_path} lacks label_specific (keys: {sorted(labels)})")
-    specific = np.asarray(labels["label_specific"]).astype(np.int64).reshape(-1)
-    if len(specific) and specific.min() < 0:
-        raise DataError(f"pickle file {labels_path}: label_specific holds the negative class "
-                        f"{int(specific.min())}")
-    if len(specific) != len(images):
+    try:
+        specific = np.asarray(labels["label_specific"]).astype(np.int64).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise DataError(f"pickle file {labels_path}: label_specific is not a list of class "
+                        f"numbers ({err})") from err
+    if not hasattr(images, "__len__") or len(specific) != len(images):
         raise DataError(f"{labels_path} labels {len(specific)} images but {images_path} holds "
-                        f"{len(images)}")
-    num_classes = int(specific.max()) + 1 if len(specific) else 0
-    names = [_text(n) for n in labels.get("label_specific_str", [])]
+                        f"{len(images) if hasattr(images, '__len__') else 'no list of'} images")
+    # Every list below is sized by the labels: check them against the data first, so that a label
+    # file naming class 10**7 is refused instead of allocating ten million classes.
+    present = np.unique(specific)
+    if len(specific) and (present[0] != 0 or present[-1] != len(present) - 1):
+        raise DataError(f"pickle file {labels_path}: label_specific runs from {int(present[0])} to "
+                        f"{int(present[-1])}, but only {len(present)} classes are present; "
+                        f"expected the classes 0..{len(present) - 1} of its {len(images)} images")
+    num_classes = len(present)
+    try:
+        names = [_text(n) for n in labels.get("label_specific_str", [])]
+    except TypeError as err:
+        raise DataError(f"pickle file {labels_path}: label_specific_str is not a list of class "
+                        f"names ({err})") from err
     if len(names) != num_classes:
         names = [str(c) for c in range(num_classes)]
     members: list[list[Any]] = [[] for _ in range(num_classes)]

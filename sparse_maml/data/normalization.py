@@ -3,8 +3,13 @@
 The train split's per-channel mean and std (data.normalize=train) are those of the images as the
 network sees them before normalisation: decoded, converted to the configured channels, resized to
 data.image_size and scaled to [0, 1]. They are computed once and recorded in
-<data.root>/train_statistics.json, keyed by channels and size and valid while the train split's
-files (names and sizes) are unchanged; a read-only root only means they are computed again.
+<data.root>/train_statistics.json, under channels and size, with the content key of the train
+split they were computed from: a digest of its class names, file names and file bytes. Hashing
+the bytes costs a read of the files (decoding them is what is expensive), and it makes any changed
+image, even one of the same size and name, a new key and so a new computation. Recorded values are
+checked when read back (finite, one per channel, mean in [0, 1], std in [MIN_STD, 0.5]); a record
+that fails is refused with a message naming the file and entry, never used. A read-only root only
+means the statistics are computed again.
 """
 
 from __future__ import annotations
@@ -15,22 +20,44 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
-from .base import DataError, FewShotSplit, ImageFileSplit
+from .base import DataError, FewShotSplit, ImageFileSplit, read_text
 from .folder import open_folder
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, resize
 
 STATISTICS_FILE = "train_statistics.json"
+# Pixels lie in [0, 1], so a channel's std is at most 0.5; below MIN_STD a channel is constant and
+# dividing by its std would blow inputs up (compute_statistics refuses such a split).
+MIN_STD, MAX_STD = 1e-6, 0.5
+STATISTICS_FILE_BYTES = 2**20  # a record holds a few numbers per (channels, size)
+CHUNK = 2**20
 
 
-def _fingerprint(split: ImageFileSplit, root: Path) -> str:
-    """A digest of the train split's class names, file names and file sizes."""
+class TrainStatistics(NamedTuple):
+    """Per-channel mean and std of a train split, and the content key of its images."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    content_key: str
+
+
+def content_key(split: ImageFileSplit) -> str:
+    """A sha256 digest of the train split's class names, file names and file bytes."""
     digest = hashlib.sha256()
     for name, files in zip(split.class_names, split.files):
         for path in files:
-            digest.update(f"{name}/{path.name}:{path.stat().st_size}\n".encode())
+            file_digest = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(CHUNK), b""):
+                        file_digest.update(block)
+            except OSError as err:
+                raise DataError(f"image file {path} cannot be read "
+                                f"({err.strerror or err})") from err
+            digest.update(f"{name}/{path.name}:{file_digest.hexdigest()}\n".encode())
     return digest.hexdigest()
 
 
@@ -41,7 +68,11 @@ def compute_statistics(split: FewShotSplit, size: int) -> tuple[tuple[float, ...
     pixels = 0
     for label in range(split.num_classes):
         for index in range(split.class_size(label)):
-            x = split.load(label, index)[None].float().div_(255.0)  # (1, C, H, W)
+            try:
+                x = split.load(label, index)[None].float().div_(255.0)  # (1, C, H, W)
+            except DataError as err:
+                raise DataError(f"{err} (found computing the train statistics; train.py "
+                                "--check-data lists every bad image)") from err
             if x.shape[-2:] != (size, size):
                 x = resize(x, size)
             x = x[0].double().flatten(1)  # (C, size*size)
@@ -50,7 +81,7 @@ def compute_statistics(split: FewShotSplit, size: int) -> tuple[tuple[float, ...
             pixels += x.shape[1]
     mean = total / pixels
     std = (squares / pixels - mean * mean).clamp_min(0).sqrt()
-    flat = [c for c in range(split.channels) if std[c] < 1e-6]
+    flat = [c for c in range(split.channels) if std[c] < MIN_STD]
     if flat:
         raise DataError(f"{split.name}/{split.split}: channel {flat[0]} is constant over all "
                         f"{pixels // (size * size)} images, so it cannot be normalised by its std; "
@@ -59,11 +90,38 @@ def compute_statistics(split: FewShotSplit, size: int) -> tuple[tuple[float, ...
 
 
 def _read_record(path: Path) -> dict:
+    """The recorded statistics ({} when there are none); a file that is not a JSON object of
+    entries is refused, naming it."""
+    if not path.exists():
+        return {}
+    text = read_text(path, "statistics file", STATISTICS_FILE_BYTES)
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # missing or damaged: computed again and rewritten
-    return record if isinstance(record, dict) else {}
+        record = json.loads(text)
+    except ValueError as err:
+        raise DataError(f"statistics file {path} is corrupt ({err}); delete it to compute the "
+                        "statistics again") from err
+    if not isinstance(record, dict):
+        raise DataError(f"statistics file {path} does not hold a JSON object; delete it to compute "
+                        "the statistics again")
+    return record
+
+
+def _checked_entry(entry: dict, channels: int, path: Path, key: str) -> TrainStatistics:
+    """The statistics of a recorded entry, refused unless every value is plausible."""
+    mean, std = entry.get("mean"), entry.get("std")
+
+    def numbers(values) -> bool:
+        return (isinstance(values, list) and len(values) == channels
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v) for v in values))
+
+    if not (numbers(mean) and numbers(std) and all(0.0 <= v <= 1.0 for v in mean)
+            and all(MIN_STD <= v <= MAX_STD for v in std)):
+        raise DataError(f"statistics file {path}, entry {key!r}: mean {mean} / std {std} are not "
+                        f"{channels} finite values with mean in [0, 1] and std in [{MIN_STD}, "
+                        f"{MAX_STD}]; delete the file to compute them again")
+    return TrainStatistics(tuple(float(v) for v in mean), tuple(float(v) for v in std),
+                           entry["content_key"])
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -80,29 +138,38 @@ def _write_record(path: Path, record: dict) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def train_statistics(root: str | Path, channels: int, size: int
-                     ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the train split of the folder dataset in `root`: recorded, or computed and
-    recorded in root/train_statistics.json."""
+def train_statistics(root: str | Path, channels: int, size: int) -> TrainStatistics:
+    """Mean, std and content key of the train split of the folder dataset in `root`, read as
+    `channels` channels resized to `size`: recorded in root/train_statistics.json for that content
+    key, or computed and recorded."""
     root = Path(root)
     train = open_folder(root, "train", channels, size)
     key = f"{channels}x{size}"
-    fingerprint = _fingerprint(train, root)
+    content = content_key(train)
     path = root / STATISTICS_FILE
     record = _read_record(path)
     entry = record.get(key)
-    if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint:
-        mean, std = entry.get("mean"), entry.get("std")
-        if (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == channels
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std)
-                and min(std) > 0):
-            return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if isinstance(entry, dict) and entry.get("content_key") == content:
+        return _checked_entry(entry, channels, path, key)
     mean, std = compute_statistics(train, size)
-    record[key] = {"fingerprint": fingerprint, "channels": channels, "image_size": size,
+    record[key] = {"content_key": content, "channels": channels, "image_size": size,
                    "num_images": sum(len(f) for f in train.files), "mean": list(mean),
                    "std": list(std)}
     _write_record(path, record)
-    return mean, std
+    return TrainStatistics(mean, std, content)
+
+
+def normalization_statistics(data) -> Optional[TrainStatistics]:
+    """The train statistics a DataConfig normalises with (data.normalize=train, or auto for the
+    folder dataset), with their content key; None when it normalises otherwise."""
+    choice = data.normalize
+    if choice == "auto":
+        choice = "train" if data.name == "folder" else "dataset"
+    if choice != "train":
+        return None
+    if data.name != "folder":
+        raise DataError(f"data.normalize=train is for data.name=folder, not {data.name}")
+    return train_statistics(data.root, 1 if data.grayscale else 3, data.image_size)
 
 
 def configure_normalization(split: FewShotSplit, data) -> FewShotSplit:
@@ -118,8 +185,53 @@ def configure_normalization(split: FewShotSplit, data) -> FewShotSplit:
                             f"{split.channels} channel(s); use data.normalize=none")
         split.normalize, split.mean, split.std = True, IMAGENET_MEAN, IMAGENET_STD
     elif choice == "train":
-        if data.name != "folder":
-            raise DataError(f"data.normalize=train is for data.name=folder, not {data.name}")
-        split.mean, split.std = train_statistics(data.root, split.channels, data.image_size)
+        statistics = normalization_statistics(data)
+        split.mean, split.std = statistics.mean, statistics.std
         split.normalize = True
+        split.statistics_key = statistics.content_key
+    return split
+
+
+def input_record(split: FewShotSplit, image_size: int) -> dict:
+    """How a run reads its inputs, saved in its checkpoints so that evaluating it needs no train
+    data: channels, side, the normalisation, and the content key of train statistics (if any)."""
+    return {"channels": split.channels, "image_size": image_size,
+            "normalize": bool(split.normalize),
+            "mean": [float(m) for m in split.mean] if split.normalize else None,
+            "std": [float(s) for s in split.std] if split.normalize else None,
+            "statistics_key": getattr(split, "statistics_key", None)}
+
+
+def check_input_record(record: object, source: str) -> dict:
+    """`record` if it is an input record a run could have written; else DataError naming `source`
+    (a received checkpoint may hold anything)."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{source}: its input record {what}")
+
+    if not isinstance(record, dict):
+        raise bad("is not a mapping")
+    channels, size = record.get("channels"), record.get("image_size")
+    if channels not in (1, 3) or isinstance(channels, bool) or not isinstance(size, int) \
+            or not 1 <= size <= 4096:
+        raise bad(f"has channels={channels!r:.20}, image_size={size!r:.20}")
+    if record.get("normalize") is True:
+        values = [record.get("mean"), record.get("std")]
+        if not all(isinstance(v, list) and len(v) == channels
+                   and all(isinstance(x, float) and math.isfinite(x) for x in v) for v in values):
+            raise bad("has no finite mean and std per channel")
+        if not all(MIN_STD <= x <= 1 for x in values[1]):
+            raise bad(f"has a std outside [{MIN_STD}, 1]")
+    return record
+
+
+def apply_input_record(split: FewShotSplit, record: object, source: str) -> FewShotSplit:
+    """Normalise `split` (opened with normalized=False) as the run recorded in `source` did;
+    DataError naming `source` for a record that is damaged or does not fit the split."""
+    record = check_input_record(record, source)
+    if record["channels"] != split.channels:
+        raise DataError(f"{source}: the run read {record['channels']} input channel(s), but "
+                        f"{split.describe()} has {split.channels}")
+    split.normalize = record.get("normalize") is True
+    if split.normalize:
+        split.mean, split.std = tuple(record["mean"]), tuple(record["std"])
     return split

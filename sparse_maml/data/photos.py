@@ -12,7 +12,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from .base import DataError, FewShotSplit, ImageFileSplit, visible_entries
+import numpy as np
+
+from .base import DataError, FewShotSplit, ImageFileSplit, inside, visible_entries
 from .imagenet import IMAGE_SUFFIXES
 from .layouts import PREPARE_HINT, Layout
 
@@ -61,11 +63,24 @@ CUB_LAYOUTS = [
 # ---------------------------------------------------------------------------------------------
 # Stanford Cars
 
+# The Cars annotation files hold one record per image (16,185 in all); a variable declaring more
+# elements than this is not an annotation, and loading it would allocate what it declares.
+MAX_MAT_ELEMENTS = 10**6
+
+
 def _loadmat(path: Path) -> dict[str, Any]:
-    from scipy.io import loadmat
+    from scipy.io import loadmat, whosmat
 
     try:
+        declared = whosmat(str(path))  # names and shapes from the headers; no data is read
+        for name, shape, _ in declared:
+            if int(np.prod(shape, dtype=np.float64)) > MAX_MAT_ELEMENTS:
+                raise DataError(f"annotation file {path}: variable {name!r} declares shape "
+                                f"{shape}, more than the {MAX_MAT_ELEMENTS:,} elements an "
+                                "annotation holds")
         return loadmat(str(path), squeeze_me=True, struct_as_record=False)
+    except DataError:
+        raise
     except Exception as err:  # scipy raises many types (ValueError, MatReadError, OSError, ...)
         raise DataError(f"annotation file {path} is corrupt or not a MATLAB file ({err})") from err
 
@@ -80,6 +95,30 @@ def _records(mat: dict[str, Any], path: Path) -> list[Any]:
 
 def _box(record: Any) -> tuple[int, int, int, int]:
     return (int(record.bbox_x1), int(record.bbox_y1), int(record.bbox_x2), int(record.bbox_y2))
+
+
+def _class_names(mat: dict[str, Any], path: Path) -> list[str]:
+    """The `class_names` of an annotation file, as strings."""
+    names = mat.get("class_names", [])
+    if isinstance(names, str) or not hasattr(names, "__iter__"):
+        raise DataError(f"annotation file {path}: class_names is {type(names).__name__}, not a "
+                        "list of class names")
+    return [str(n) for n in names]
+
+
+def _annotated(records: list[Any], folder: Path, file_field: str, path: Path
+               ) -> list[tuple[Path, tuple[int, int, int, int], int]]:
+    """(image file, box, 1-based class) of each annotation record; a file outside `folder` or a
+    record without those fields is refused, naming the annotation file and the record."""
+    images = []
+    for k, record in enumerate(records):
+        where = f"annotation file {path}, record {k + 1}"
+        try:
+            file = inside(folder, str(getattr(record, file_field)), where)
+            images.append((file, _box(record), int(getattr(record, "class"))))
+        except (AttributeError, TypeError, ValueError) as err:
+            raise DataError(f"{where} is not an image annotation ({err})") from err
+    return images
 
 
 def _cars_annos(root: Path, split: str) -> Optional[tuple[Path, Path]]:
@@ -115,19 +154,18 @@ def _cars_split(dataset_root: Path, split: str, class_names: list[str],
 def open_cars_annos(root: Path, split: str, found: tuple[Path, Path]) -> FewShotSplit:
     mat_path, _ = found
     mat = _loadmat(mat_path)
-    names = [str(n) for n in mat.get("class_names", [])]
-    images = [(root / str(r.relative_im_path), _box(r), int(getattr(r, "class")))
-              for r in _records(mat, mat_path)]
+    names = _class_names(mat, mat_path)
+    images = _annotated(_records(mat, mat_path), root, "relative_im_path", mat_path)
     return _cars_split(root, split, names, images)
 
 
 def open_cars_devkit(root: Path, split: str, found: Path) -> FewShotSplit:
-    names = [str(n) for n in _loadmat(root / "devkit" / "cars_meta.mat").get("class_names", [])]
+    meta = root / "devkit" / "cars_meta.mat"
+    names = _class_names(_loadmat(meta), meta)
     images = []
     for mat_path, folder in ((root / "devkit" / "cars_train_annos.mat", root / "cars_train"),
                              (root / "cars_test_annos_withlabels.mat", root / "cars_test")):
-        images += [(folder / str(r.fname), _box(r), int(getattr(r, "class")))
-                   for r in _records(_loadmat(mat_path), mat_path)]
+        images += _annotated(_records(_loadmat(mat_path), mat_path), folder, "fname", mat_path)
     return _cars_split(root, split, names, images)
 
 
