@@ -6,8 +6,8 @@
     python train.py --resume runs/my_run train.epochs=24   # ... and extend it
     python train.py run.dir=runs/job run.resume=auto # start, or continue if runs/job holds the run
 
-SIGTERM or SIGINT (Ctrl-C) finishes the current meta-batch, writes a checkpoint and exits with
-status 3; a second signal exits at once. Exit statuses: 0 done, 1 error (message on stderr),
+SIGTERM, SIGINT (Ctrl-C) or SIGUSR2 (Slurm's time-limit warning) finishes the current meta-batch,
+writes a checkpoint and exits with status 3; a second SIGTERM or SIGINT exits at once. Exit statuses: 0 done, 1 error (message on stderr),
 3 stopped and resumable, 4 stopped by the NaN guard (outer.max_bad_steps). See docs/runs.md.
 
     torchrun --nproc_per_node=4 train.py -c configs/x.yaml   # one meta-batch split over 4 GPUs

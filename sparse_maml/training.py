@@ -42,7 +42,7 @@ from .run_lock import RunLock
 from .runtime import mean_confidence_interval, resolve_device, seed_everything
 
 # Exit statuses of train.py besides 0 (done) and 1 (error); Python itself uses 1 and 2.
-EXIT_STOPPED = 3  # stopped by SIGTERM/SIGINT after checkpointing: resumable
+EXIT_STOPPED = 3  # stopped by SIGTERM/SIGINT/SIGUSR2 after checkpointing: resumable
 EXIT_DIVERGED = 4  # the NaN guard stopped the run (a checkpoint of the last good state was written)
 
 Report = Callable[[str], None]
@@ -65,14 +65,17 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopSignal:
-    """Context manager: the first SIGTERM/SIGINT asks the training loop to stop after the current
-    meta-batch (call the object to ask whether one came); a second one ends the process at once.
+    """Context manager: the first SIGTERM/SIGINT/SIGUSR2 asks the training loop to stop after the
+    current meta-batch (call the object to ask whether one came); a second SIGTERM or SIGINT ends
+    the process at once.
 
-    Installed by the entry point around fit(), never on import; outside the main thread it does
-    nothing.
+    SIGUSR2 is the warning Slurm (through submitit) sends before a job's time limit; it reaches
+    every process of the job, and the job's wrapper may pass it on again, so a repeated SIGUSR2
+    never ends the process. Installed by the entry point around fit(), never on import; outside
+    the main thread it does nothing.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)):
         self.signals = signals
         self.received: Optional[int] = None
         self._previous: dict[int, Any] = {}
@@ -82,6 +85,8 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # second signal: die of it, now
+            if signum == signal.SIGUSR2:
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
