@@ -10,12 +10,16 @@ job, train.py finishes its meta-batch, checkpoints and exits 3; submitit then ca
 continues from the checkpoint (`run.resume=auto`) exactly as if it had never stopped. A row that
 fails for a reason of its own (exit 1, or 4 from the NaN guard) raises `RowFailed` and is not
 requeued. utils/slurm.py submits rows and reports their states.
+
+A row on several GPUs or nodes runs train.py under torchrun (`torchrun_command`), one RowJob per
+node: the same train.py processes as a hand-started `srun torchrun ... train.py` would give.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -60,6 +64,21 @@ def run_dir_of(command: list[str]) -> Path:
     return Path(dirs[-1])
 
 
+def torchrun_command(command: list[str], nodes: int, procs_per_node: int, node_rank: int = 0,
+                     master: str = "127.0.0.1", port: int = 29500) -> list[str]:
+    """`python train.py ARGS` as `python -m torch.distributed.run ... train.py ARGS` for one node
+    of a run on `nodes` nodes with `procs_per_node` processes each (one per GPU). One node
+    rendezvouses alone (--standalone); several meet at master:port, node_rank 0 being master."""
+    if len(command) < 2 or Path(command[1]).name != "train.py":
+        raise ValueError(f"a row on several processes must be `python train.py ...`, not "
+                         f"{shlex.join(command)!r}")
+    where = (["--standalone"] if nodes == 1 else
+             [f"--nnodes={nodes}", f"--node_rank={node_rank}", f"--master_addr={master}",
+              f"--master_port={port}"])
+    return [command[0], "-m", "torch.distributed.run", *where, f"--nproc_per_node={procs_per_node}",
+            *command[1:]]
+
+
 def is_finished(run_dir: Path) -> bool:
     """Whether train.py wrote its test result (test.py's records have step -1) into run_dir."""
     return any(r.get("kind") == "test" and r.get("step", -1) >= 0 for r in _records(run_dir))
@@ -92,16 +111,25 @@ class RowJob(submitit.helpers.Checkpointable):
     """One row of the table as a submitit job: runs `command` in `cwd` until it finishes.
 
     threads: OMP_NUM_THREADS for train.py (the job's CPUs), unless the environment sets it.
+    nodes, procs_per_node: more than one process in all runs train.py under torchrun, this job
+    being one node of it (submitit's job environment gives the node rank and the first host).
     """
 
     name: str
     command: list[str]
     cwd: str
     threads: Optional[int] = None
+    nodes: int = 1
+    procs_per_node: int = 1
 
     def __post_init__(self) -> None:
         self._proc: Optional[subprocess.Popen] = None
         self._last_error = ""
+        self._worker_exits: list[int] = []  # torchrun's report of its failed workers
+
+    @property
+    def distributed(self) -> bool:
+        return self.nodes * self.procs_per_node > 1
 
     @property
     def run_dir(self) -> Path:
@@ -114,8 +142,18 @@ class RowJob(submitit.helpers.Checkpointable):
         env = dict(os.environ)
         if self.threads and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(self.threads)
-        print(f"{self.name}: {shlex.join(self.command)}", flush=True)
-        self._proc = subprocess.Popen(self.command, cwd=self.cwd, env=env, stderr=subprocess.PIPE,
+        command = self.command
+        if self.distributed:
+            job = submitit.JobEnvironment()
+            # A port per job, so that two jobs sharing a first node do not meet each other.
+            port = 20000 + int(re.sub(r"\D", "", job.raw_job_id) or 0) % 20000
+            command = torchrun_command(command, self.nodes, self.procs_per_node, job.node,
+                                       job.hostnames[0], port)
+            # torchrun's agent passes SIGUSR2 on to its workers instead of dying of it
+            # (its --signals-to-handle, read from PET_SIGNALS_TO_HANDLE).
+            env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2")
+        print(f"{self.name}: {shlex.join(command)}", flush=True)
+        self._proc = subprocess.Popen(command, cwd=self.cwd, env=env, stderr=subprocess.PIPE,
                                       text=True, bufsize=1)
         # A thread copies train.py's stderr to the job's (keeping its last line) and then reaps
         # the process, so that neither the main flow nor a signal handler ever blocks in
@@ -139,29 +177,40 @@ class RowJob(submitit.helpers.Checkpointable):
             # A repeated SIGUSR2 does not end train.py (StopSignal), so passing it on is safe.
             proc.send_signal(signal.SIGUSR2)
             status = self._wait()
-            if status not in (0, EXIT_STOPPED) and status > 0:
+            # torchrun's status after a stop does not tell it from a failure: requeue; a real
+            # failure shows again in the requeued job, which then ends without a requeue.
+            if not self.distributed and status not in (0, EXIT_STOPPED) and status > 0:
                 print(f"{self.name}: train.py exited with status {status} on the stop signal; "
                       "not requeued", file=sys.stderr, flush=True)
                 return None
         print(f"{self.name}: checkpointed; requeued to continue from {self.run_dir}", flush=True)
         return submitit.helpers.DelayedSubmission(RowJob(self.name, self.command, self.cwd,
-                                                         self.threads))
+                                                         self.threads, self.nodes,
+                                                         self.procs_per_node))
 
     def _follow(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
         for line in self._proc.stderr:
             sys.stderr.write(line)
             sys.stderr.flush()
-            if line.strip():
+            if re.search(r"[A-Za-z]", line):  # not torchrun's ==== rules
                 self._last_error = line.strip()
+            reported = re.match(r"\s*exitcode\s*:\s*(-?\d+)", line)
+            if reported:
+                self._worker_exits.append(int(reported.group(1)))
         self._proc.wait()
 
     def _wait(self) -> int:
-        """train.py's exit status, once the reader thread has reaped it."""
+        """train.py's exit status, once the reader thread has reaped it. torchrun exits 1 when
+        its workers stop at a checkpoint: if every worker it reports exited 3, so did the run."""
         assert self._proc is not None
         while self._proc.returncode is None:
             time.sleep(0.05)
-        return self._proc.returncode
+        status = self._proc.returncode
+        if (self.distributed and status != 0 and self._worker_exits
+                and set(self._worker_exits) == {EXIT_STOPPED}):
+            return EXIT_STOPPED
+        return status
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from sparse_maml import checkpoint
 from sparse_maml import jobs, run_log, training
-from sparse_maml.jobs import latest_jobs, row_state
+from sparse_maml.jobs import latest_jobs, row_state, torchrun_command
 from sparse_maml.run_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +188,41 @@ def test_state_from_the_scheduler_and_the_run_folder(tmp_path, table, scheduler,
     assert (state.epoch, state.best_val) == ((1, 0.625) if started else (None, None))
 
 
+def test_torchrun_command_for_one_node_of_several():
+    row = ["python", "train.py", "-c", "configs/x.yaml", "run.dir=runs/x"]
+    assert torchrun_command(row, 2, 4, node_rank=1, master="gpu17", port=23456) == [
+        "python", "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1",
+        "--master_addr=gpu17", "--master_port=23456", "--nproc_per_node=4", "train.py", "-c",
+        "configs/x.yaml", "run.dir=runs/x"]
+    assert torchrun_command(row, 1, 2)[3:5] == ["--standalone", "--nproc_per_node=2"]
+    with pytest.raises(ValueError, match="python train.py"):
+        torchrun_command(["bash", "-c", "train.py"], 2, 1)
+
+
+def test_row_on_two_processes_stops_under_torchrun_is_requeued_and_finishes(tmp_path):
+    """--gpus 2 runs the row under torchrun (here on CPU, gloo): the time-limit signal reaches
+    the workers through torchrun's agent, they checkpoint together, the job is requeued and the
+    run continues from that step to its end."""
+    slurm("submit", "--local", "--gpus", "2", "--cpus", "2",
+          commands=[row(tmp_path, "pair", "outer.meta_batch_size=2")])
+    entry = latest_jobs(tmp_path / "slurm")[str(tmp_path / "pair")]
+    wait_for(lambda: checkpoint.list_checkpoints(tmp_path / "pair"), what="the first checkpoint")
+    wrappers = [p for p in descendants(int(entry["job_id"]))
+                if "submitit.core._submit" in cmdline(p)]
+    os.kill(wrappers[0], signal.SIGUSR2)
+    folder = Path(entry["folder"].replace("%j", entry["job_id"]))
+    wait_for((folder / f"{entry['job_id']}_0_result.pkl").is_file, timeout=180, what="the result")
+    out = (folder / f"{entry['job_id']}_0_log.out").read_text()
+    assert "torch.distributed.run --standalone --nproc_per_node=2 train.py" in out
+    stopped = [line for line in out.splitlines() if line.startswith("stopped at step")]
+    assert len(stopped) == 1, out
+    step = int(stopped[0].split()[3])
+    assert f"{step} meta-batches done" in out and "checkpointed; requeued" in out
+    assert out.count("torchrun: 2 processes") == 2
+    assert [r["kind"] for r in read_metrics(tmp_path / "pair")][-1] == "test"
+    assert checkpoint.list_checkpoints(tmp_path / "pair")[-1][0] == 24
+
+
 def test_sbatch_script_asks_for_the_signal_requeue_gpus_and_time(tmp_path):
     commands = [row(tmp_path, "a"), row(tmp_path, "b")]
     out = slurm("submit", "--print-sbatch", "--partition", "gpu", "--account", "lab", "--qos",
@@ -210,6 +245,11 @@ def test_sbatch_script_asks_for_the_signal_requeue_gpus_and_time(tmp_path):
     assert "#SBATCH --time=90" in single.splitlines()
     assert not any(line.startswith("#SBATCH --array") for line in single.splitlines())
     assert "#SBATCH --signal=USR2@120" in single.splitlines()
+    nodes = slurm("submit", "--print-sbatch", "--nodes", "2", "--gpus", "8", commands=commands)
+    assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8"} <= set(
+        nodes.stdout.splitlines())
+    local_nodes = slurm("submit", "--local", "--nodes", "2", commands=commands, check=False)
+    assert local_nodes.returncode == 2 and "--nodes must be 1" in local_nodes.stderr
     assert not list(tmp_path.iterdir())  # nothing submitted, nothing written
 
 

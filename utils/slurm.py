@@ -48,7 +48,8 @@ except ImportError as err:
 PACKAGE_ROOT = Path(sparse_maml.__file__).resolve().parents[1]
 
 # Executor options: None means "not given" (status --resubmit then keeps the recorded value).
-DEFAULTS = {"partition": None, "account": None, "qos": None, "gpus": 1, "cpus": 4, "mem": None,
+DEFAULTS = {"partition": None, "account": None, "qos": None, "nodes": 1, "gpus": 1, "cpus": 4,
+            "mem": None,
             "time": "4:00:00", "constraint": None, "sbatch": [], "setup": [], "signal_delay": 120,
             "max_timeouts": 100, "array": True, "array_parallelism": 256, "local": False}
 
@@ -78,7 +79,7 @@ def sbatch_parameters(options: dict[str, Any], job_name: str) -> dict[str, Any]:
         key, sep, value = line.lstrip("-").partition("=")
         extra[key] = value if sep else True
     params = {"job_name": job_name, "partition": options["partition"],
-              "account": options["account"], "qos": options["qos"], "nodes": 1,
+              "account": options["account"], "qos": options["qos"], "nodes": options["nodes"],
               "ntasks_per_node": 1, "gpus_per_node": options["gpus"] or None,
               "cpus_per_task": options["cpus"], "constraint": options["constraint"],
               "mem": _memory(options["mem"]),
@@ -203,17 +204,21 @@ def submit(rows: list[Row], options: dict[str, Any]) -> list[dict]:
         group = [row for row in rows if row.folder == folder]
         template = folder / "%j"
         kind = "local" if options["local"] else "slurm"
-        threads = options["cpus"]
+        procs = max(options["gpus"], 1)  # train.py processes per node: one per GPU
+        threads = max(1, options["cpus"] // procs)
+
+        def job(row: Row) -> RowJob:
+            return RowJob(row.name, row.command, str(row.cwd), threads, options["nodes"], procs)
+
         if options["array"] and len(group) > 1:
             executor = make_executor(options, template, "sparse-maml")
             with executor.batch():
-                jobs = [executor.submit(RowJob(r.name, r.command, str(r.cwd), threads))
-                        for r in group]
+                jobs = [executor.submit(job(row)) for row in group]
         else:
             jobs = []
             for row in group:
                 executor = make_executor(options, template, row.name)
-                jobs.append(executor.submit(RowJob(row.name, row.command, str(row.cwd), threads)))
+                jobs.append(executor.submit(job(row)))
         for row, job in zip(group, jobs):
             entry = {"name": row.name, "run_dir": str(row.run_dir), "job_id": str(job.job_id),
                      "executor": kind, "folder": str(template), "cwd": str(row.cwd),
@@ -267,9 +272,15 @@ def add_executor_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--partition", help="Slurm partition")
     g.add_argument("--account", help="Slurm account")
     g.add_argument("--qos", help="Slurm quality of service")
-    g.add_argument("--gpus", type=int, help="GPUs per job (default 1; 0 for CPU jobs)")
-    g.add_argument("--cpus", type=int, help="CPUs per job, also train.py's OMP_NUM_THREADS "
-                                            "(default 4)")
+    g.add_argument("--nodes", type=int,
+                   help="nodes per row (default 1); more than one runs train.py under torchrun "
+                        "across them, the run folder on a file system every node sees")
+    g.add_argument("--gpus", type=int,
+                   help="GPUs per node (default 1; 0 for CPU jobs); more than one runs train.py "
+                        "under torchrun, one process per GPU (outer.meta_batch_size must be a "
+                        "multiple of nodes x GPUs)")
+    g.add_argument("--cpus", type=int, help="CPUs per node, shared out as train.py's "
+                                            "OMP_NUM_THREADS (default 4)")
     g.add_argument("--mem", type=float, help="memory per job in GB (default: the partition's)")
     g.add_argument("--time", help="time limit of each job, MINUTES or [D-]H:MM:SS (default "
                                   "4:00:00); a run longer than that continues in a requeued job")
@@ -326,6 +337,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         options = options_from(args)
         minutes(options["time"])
+        if options["nodes"] < 1 or options["gpus"] < 0 or options["cpus"] < 1:
+            raise ValueError("--nodes and --cpus must be at least 1, --gpus at least 0")
+        if options["local"] and options["nodes"] > 1:
+            raise ValueError("--local runs on this one machine: --nodes must be 1")
         rows, bad = read_rows(lines, Path.cwd())
     except ValueError as err:
         print(f"slurm.py: {err}", file=sys.stderr)
