@@ -193,7 +193,9 @@ class RowJob(submitit.helpers.Checkpointable):
         for line in self._proc.stderr:
             sys.stderr.write(line)
             sys.stderr.flush()
-            if re.search(r"[A-Za-z]", line):  # not torchrun's ==== rules
+            # train.py's message starts with "error:" (its hints follow); else the last words
+            if line.startswith("error:") or (re.search(r"[A-Za-z]", line)
+                                             and not self._last_error.startswith("error:")):
                 self._last_error = line.strip()
             reported = re.match(r"\s*exitcode\s*:\s*(-?\d+)", line)
             if reported:
@@ -288,7 +290,8 @@ def row_state(name: str, run_dir: Path, entry: Optional[dict],
     scheduler_state = (scheduler_state or "").split()[0].upper() if scheduler_state else None
     if scheduler_state in WAITING:
         if started:
-            return state("requeued", f"stopped at step {_newest_step(run_dir)}, waiting to continue")
+            return state("requeued",
+                         f"stopped at step {_newest_step(run_dir)}, waiting to continue")
         return state("queued")
     if scheduler_state in RUNNING:
         return state("running")

@@ -162,6 +162,24 @@ def test_failing_row_is_failed_with_its_error_and_not_requeued(table):
     wait_for(result.is_file, what="the resubmitted bad row's result")
 
 
+def test_cancelled_local_row_stops_at_a_checkpoint_and_shows_as_stopped(tmp_path):
+    """status --cancel: a local row's train.py gets SIGTERM, checkpoints and exits 3; the job
+    ends without a requeue and the row is 'stopped' (resubmitting continues it)."""
+    command = row(tmp_path, "halt")
+    slurm("submit", "--local", commands=[command])
+    entry = latest_jobs(tmp_path / "slurm")[str(tmp_path / "halt")]
+    wait_for(lambda: checkpoint.list_checkpoints(tmp_path / "halt"), what="the first checkpoint")
+    running = slurm("status", "--cancel", commands=[command]).stdout
+    assert "halt  running" in running and "stopping halt: SIGTERM to its train.py" in running
+    folder = Path(entry["folder"].replace("%j", entry["job_id"]))
+    wait_for((folder / f"{entry['job_id']}_0_result.pkl").is_file, what="the job's end")
+    line = slurm("status", commands=[command]).stdout.splitlines()[1]
+    assert line.split()[:3] == ["halt", "stopped", entry["job_id"]], line
+    assert "RowStopped: halt: stopped at a checkpoint" in line
+    assert "requeued" not in (folder / f"{entry['job_id']}_0_log.out").read_text()
+    assert 2 <= checkpoint.list_checkpoints(tmp_path / "halt")[-1][0] < 24
+
+
 @pytest.mark.parametrize("scheduler, started, expected", [
     ("PENDING", False, "queued"),
     ("REQUEUED", True, "requeued"),

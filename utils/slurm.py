@@ -85,8 +85,8 @@ def sbatch_parameters(options: dict[str, Any], job_name: str) -> dict[str, Any]:
               "mem": _memory(options["mem"]),
               "time": minutes(options["time"]), "signal_delay_s": options["signal_delay"],
               "array_parallelism": options["array_parallelism"],
-              "setup": [f"export PYTHONPATH={shlex.quote(str(PACKAGE_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
-                        *options["setup"]],
+              "setup": [f"export PYTHONPATH={shlex.quote(str(PACKAGE_ROOT))}"
+                        "${PYTHONPATH:+:$PYTHONPATH}", *options["setup"]],
               "additional_parameters": extra}
     return {k: v for k, v in params.items() if v is not None}
 
@@ -111,7 +111,8 @@ def make_executor(options: dict[str, Any], folder: Path, job_name: str) -> submi
     """A Slurm executor (or submitit's local one with options['local']) for the options."""
     if options["local"]:
         executor = submitit.LocalExecutor(folder, max_num_timeout=options["max_timeouts"])
-        executor.update_parameters(timeout_min=minutes(options["time"]), gpus_per_node=options["gpus"],
+        executor.update_parameters(timeout_min=minutes(options["time"]),
+                                   gpus_per_node=options["gpus"],
                                    signal_delay_s=options["signal_delay"],
                                    setup=sbatch_parameters(options, job_name)["setup"])
         return executor
@@ -120,7 +121,7 @@ def make_executor(options: dict[str, Any], folder: Path, job_name: str) -> submi
     except RuntimeError as err:  # no srun on this machine
         raise SystemExit(f"slurm.py: {err} (use --local to run the rows on this machine)")
     params = sbatch_parameters(options, job_name)
-    executor.update_parameters(**{k: v for k, v in params.items()})
+    executor.update_parameters(**params)
     return executor
 
 
@@ -247,18 +248,52 @@ def print_table(states: list) -> None:
 
 
 def cancel(states: list) -> int:
-    """Cancel the jobs of queued, requeued and running rows; returns how many."""
+    """Cancel the jobs of queued, requeued and running rows (scancel; a local job's train.py gets
+    SIGTERM, checkpoints and stops); returns the exit status."""
     ids = [entry["job_id"] for _, entry, s in states
-           if entry and s.state in ("queued", "requeued", "running") and entry["executor"] == "slurm"]
-    local = [row.name for row, entry, s in states
-             if entry and s.state == "running" and entry["executor"] == "local"]
-    if local:
-        print(f"local jobs are stopped with Ctrl-C where they were started: {', '.join(local)}",
-              file=sys.stderr)
+           if entry and s.state in ("queued", "requeued", "running")
+           and entry["executor"] == "slurm"]
+    for row, entry, s in states:
+        if entry and s.state == "running" and entry["executor"] == "local":
+            for pid in _children_of_job_tasks(int(entry["job_id"])):
+                os.kill(pid, signal.SIGTERM)
+                print(f"stopping {row.name}: SIGTERM to its train.py (process {pid})")
     if ids:
-        subprocess.run(["scancel", *ids], check=True)
+        try:
+            subprocess.run(["scancel", *ids], check=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            print(f"slurm.py: scancel failed: {err}", file=sys.stderr)
+            return 1
         print(f"cancelled {len(ids)} job(s): {' '.join(ids)}")
-    return len(ids)
+    return 0
+
+
+def _children_of_job_tasks(pid: int) -> list[int]:
+    """The processes a local job's tasks started (train.py, or torchrun), found below the job's
+    process in /proc: they, not the task, take a stop signal (the task ignores SIGTERM)."""
+    def children(parent: int) -> list[int]:
+        found = []
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        return found
+
+    def cmdline(p: int) -> str:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_text()
+        except OSError:
+            return ""
+
+    todo, started = [pid], []
+    while todo:
+        for child in children(todo.pop()):
+            if "submitit.core._submit" in cmdline(child):
+                started += children(child)
+            else:
+                todo.append(child)
+    return started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +353,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                      help="print the sbatch script submitit would write, and submit nothing")
     st = commands.add_parser("status", help="every row's state, job id, epoch and best accuracy")
     what = st.add_mutually_exclusive_group()
-    what.add_argument("--cancel", action="store_true", help="cancel queued and running rows")
+    what.add_argument("--cancel", action="store_true",
+                      help="cancel queued and running rows (a local row: its train.py stops at a "
+                           "checkpoint)")
     what.add_argument("--resubmit", action="store_true",
                       help="submit the failed and stopped rows again (they continue)")
     for p in (sub, st):
@@ -355,9 +392,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     states = states_of(rows)
     if args.action == "status" and not args.resubmit:
         print_table(states)
-        if args.cancel:
-            cancel(states)
-        return 1 if bad else 0
+        status = cancel(states) if args.cancel else 0
+        return 1 if bad else status
 
     wanted = {"failed", "stopped"} if args.action == "status" else {"failed", "stopped",
                                                                       "not started"}
