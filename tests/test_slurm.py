@@ -286,6 +286,24 @@ def test_bad_input_lines_and_options_are_one_line_messages(tmp_path):
     assert "Traceback" not in no_slurm.stderr
 
 
+def test_stop_signal_takes_sigusr2_and_survives_its_repeat():
+    """Slurm's time-limit warning stops training like SIGTERM; sent again (Slurm and the job both
+    pass it on) it does not end the process, as a second SIGTERM would. (In a child process: a
+    regression would kill it.)"""
+    script = ("import os, signal\n"
+              "from sparse_maml.training import StopSignal\n"
+              "with StopSignal() as stop:\n"
+              "    assert not stop()\n"
+              "    os.kill(os.getpid(), signal.SIGUSR2)\n"
+              "    os.kill(os.getpid(), signal.SIGUSR2)\n"
+              "    assert stop() and stop.received == signal.SIGUSR2\n"
+              "assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL\n"
+              "print('alive')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "alive\n", result
+
+
 def test_the_job_side_names_match_the_package():
     assert jobs.EXIT_STOPPED == training.EXIT_STOPPED
     assert jobs.METRICS == run_log.METRICS
