@@ -241,6 +241,40 @@ def test_row_on_two_processes_stops_under_torchrun_is_requeued_and_finishes(tmp_
     assert checkpoint.list_checkpoints(tmp_path / "pair")[-1][0] == 24
 
 
+def test_status_reads_the_slurm_queue_and_cancel_calls_scancel(tmp_path):
+    """Against stand-ins for squeue and scancel: a queued row, a requeued one (its run folder holds
+    a checkpoint) and a running one; --cancel cancels all three."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\nprintf '77_0 PENDING\\n77_1 PENDING\\n78 RUNNING\\n'\n")
+    (bin_dir / "scancel").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'cancelled'}\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    runs = tmp_path / "runs"
+    (runs / "back").mkdir(parents=True)
+    (runs / "back" / "config.yaml").write_text("run: {}\n")
+    (runs / "back" / "checkpoint-00000012.pt").write_bytes(b"")
+    (runs / "back" / "metrics.jsonl").write_text(
+        json.dumps({"kind": "train", "step": 12, "epoch": 1}) + "\n"
+        + json.dumps({"kind": "val", "step": 12, "epoch": 1, "accuracy": 0.4}) + "\n")
+    commands = [row(runs, name) for name in ("wait", "back", "going")]
+    jobs.record_jobs(runs / "slurm", [
+        {"name": name, "run_dir": str(runs / name), "job_id": job_id, "executor": "slurm",
+         "folder": str(runs / "slurm" / "%j")}
+        for name, job_id in [("wait", "77_0"), ("back", "77_1"), ("going", "78")]])
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, str(SLURM), "status", "--cancel"], cwd=ROOT, env=env,
+                            input="\n".join(commands), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:4]}
+    assert lines["wait"][1:3] == ["queued", "77_0"]
+    assert lines["back"][1:5] == ["requeued", "77_1", "1", "40.00%"]
+    assert "stopped at step 12, waiting to continue" in " ".join(lines["back"])
+    assert lines["going"][1:3] == ["running", "78"]
+    assert (tmp_path / "cancelled").read_text().split() == ["77_0", "77_1", "78"]
+    assert "cancelled 3 job(s)" in result.stdout
+
+
 def test_sbatch_script_asks_for_the_signal_requeue_gpus_and_time(tmp_path):
     commands = [row(tmp_path, "a"), row(tmp_path, "b")]
     out = slurm("submit", "--print-sbatch", "--partition", "gpu", "--account", "lab", "--qos",

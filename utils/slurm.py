@@ -23,6 +23,7 @@ machine's GPUs between many rows use utils/sweep.py).
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import re
 import shlex
@@ -157,18 +158,30 @@ def read_rows(lines: list[str], cwd: Path) -> tuple[list[Row], int]:
 
 
 def scheduler_states(entries: list[dict]) -> dict[str, Optional[str]]:
-    """The scheduler's state of each recorded job (None where it is not known)."""
+    """The scheduler's state of each recorded job that is still queued or running (None for the
+    others: what became of them is read from the run folder and the job's result file)."""
     states: dict[str, Optional[str]] = {}
+    queue = slurm_queue() if any(e["executor"] == "slurm" for e in entries) else {}
+    if queue is None:
+        print("slurm.py: squeue is not available: queued and running rows show as stopped",
+              file=sys.stderr)
     for entry in entries:
         if entry["executor"] == "local":  # the job id is the local controller's process id
             states[entry["job_id"]] = "RUNNING" if _alive(int(entry["job_id"])) else None
         else:
-            try:
-                state = submitit.SlurmJob(folder=entry["folder"], job_id=entry["job_id"]).state
-            except Exception:  # no sacct here, or it failed: the run folder still tells a lot
-                state = None
-            states[entry["job_id"]] = None if state in (None, "UNKNOWN") else state
+            states[entry["job_id"]] = (queue or {}).get(entry["job_id"])
     return states
+
+
+def slurm_queue() -> Optional[dict[str, str]]:
+    """Job id -> state (PENDING, RUNNING, ...) of this user's jobs in the Slurm queue, one entry
+    per array element; None where squeue cannot be run."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-u", getpass.getuser()],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return dict(line.split(None, 1) for line in out.splitlines() if len(line.split()) == 2)
 
 
 def _alive(pid: int) -> bool:
