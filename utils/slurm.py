@@ -135,6 +135,9 @@ class Row:
 
     def __init__(self, command: list[str], cwd: Path):
         self.command, self.cwd = command, cwd
+        if len(command) > 1 and command[1].endswith(".py") and not (cwd / command[1]).is_file():
+            raise ValueError(f"no {command[1]} in {cwd}: run slurm.py from the repository root "
+                             "(the jobs start the commands there)")
         self.run_dir = (cwd / run_dir_of(command)).resolve()
         names = [w.split("=", 1)[1] for w in command if w.startswith("run.name=")]
         self.name = names[-1] if names else self.run_dir.name

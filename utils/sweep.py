@@ -211,6 +211,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = sweep.run()
     if bad:
         print(f"sweep: {len(bad)} input line(s) skipped (see above)", file=sys.stderr)
+    if failed:
+        print(f"sweep: {len(failed)} of {len(commands)} failed: {failed} (logs in {args.logs})",
+              file=sys.stderr)
     if sweep.stopping:
         waiting = sweep.not_started()
         print(f"sweep: stopped; {len(sweep.stopped)} stopped at a checkpoint {sweep.stopped}, "
@@ -219,8 +222,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  {number}: {shlex.join(command)}", file=sys.stderr)
         return EXIT_STOPPED
     if failed:
-        print(f"sweep: {len(failed)} of {len(commands)} failed: {failed} (logs in {args.logs})",
-              file=sys.stderr)
         return 1
     print(f"sweep: all {len(commands)} commands finished (logs in {args.logs})")
     return 1 if bad else 0
