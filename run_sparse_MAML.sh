@@ -12,6 +12,7 @@
 #   ./run_sparse_MAML.sh --debug                           # every row, seconds each, on CPU
 #   ./run_sparse_MAML.sh --dry-run                         # print the commands only
 #   ./run_sparse_MAML.sh sparse_maml_conv4_5shot run.device=cuda:1    # overrides pass through
+#   ./run_sparse_MAML.sh --seeds 3 ~/exp/my_variant.yaml               # any config file is a row
 #
 # Options:
 #   --dry-run        print one command per run instead of running it
@@ -23,7 +24,10 @@
 #   --sweep K=V1,V2  one run per value of the dotted key K; folders <row>-<key>-<V>
 #   --out DIR        parent folder of the run folders (default: runs, or runs/debug with --debug)
 #   --list           print the row names and exit
+# A row is a name from --list (configs/<row>.yaml) or the path of any other YAML config (relative to
+# the folder the script is started from; the run is named after the file).
 # Anything of the form key=value is passed to every run after the config (it wins over it).
+# PYTHON names the interpreter of the runs (default: python from PATH).
 # Started again after an interruption, the script skips every run whose folder holds its final
 # test result and continues each unfinished one from its newest checkpoint (run.resume=auto).
 # A failing run is reported and the others still run; the exit status is 1 if any failed.
@@ -32,6 +36,7 @@
 
 set -euo pipefail
 
+caller=$PWD
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 
@@ -63,6 +68,15 @@ die() { echo "run_sparse_MAML.sh: $*" >&2; exit 2; }
 
 dry_run=0 debug=0 seeds=0 sweep="" out="" set=all
 rows=() overrides=()
+# Rows given as the path of a config file: their names and files (indexed arrays: bash 3 has no maps).
+file_rows=() file_configs=()
+config_of() {
+  local i
+  for ((i = 0; i < ${#file_rows[@]}; i++)); do
+    [[ ${file_rows[i]} == "$1" ]] && { echo "${file_configs[i]}"; return; }
+  done
+  echo "configs/$1.yaml"
+}
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
@@ -81,8 +95,17 @@ while (($#)); do
     *=*) overrides+=("$1") ;;
     *)
       row=${1%.yaml}; row=${row#configs/}
-      [[ -f configs/$row.yaml ]] || die "no config configs/$row.yaml (rows: ${ROWS[*]})"
-      rows+=("$row") ;;
+      path=$1; [[ $path == /* ]] || path=$caller/$path
+      if [[ $row != */* && -f configs/$row.yaml ]]; then
+        rows+=("$row")
+      elif [[ $1 == *.yaml && -f $path ]]; then
+        row=$(basename "$path" .yaml)
+        file_rows+=("$row")
+        file_configs+=("$(cd "$(dirname "$path")" && pwd)/$(basename "$path")")
+        rows+=("$row")
+      else
+        die "no config configs/$row.yaml, nor a YAML file $1 (rows: ${ROWS[*]})"
+      fi ;;
   esac
   shift
 done
@@ -151,7 +174,7 @@ for row in "$@"; do
         extra+=("run.seed=$seed")
       fi
       dir=$out/$name
-      cmd=("$PYTHON" train.py -c "configs/$row.yaml" ${debug_overrides[@]+"${debug_overrides[@]}"}
+      cmd=("$PYTHON" train.py -c "$(config_of "$row")" ${debug_overrides[@]+"${debug_overrides[@]}"}
            ${extra[@]+"${extra[@]}"} "run.name=$name" "run.dir=$dir" ${resume[@]+"${resume[@]}"}
            ${overrides[@]+"${overrides[@]}"})
       if ((dry_run)); then

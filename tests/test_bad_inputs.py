@@ -518,8 +518,10 @@ LAUNCHER = ROOT / "run_sparse_MAML.sh"
 
 
 def launch(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(LAUNCHER), *args], env=env or ENV, capture_output=True,
-                          text=True, timeout=300)
+    """The launcher, its runs on this interpreter (PYTHON) unless `env` says otherwise."""
+    env = env or {**ENV, "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(LAUNCHER), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_restarted_launcher_continues_unfinished_runs_and_skips_finished_ones(tmp_path):

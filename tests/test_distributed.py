@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,10 +172,46 @@ def test_sweep_reads_the_dry_run_of_run_sparse_maml(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     import sweep
-    commands = sweep.read_commands(dry.stdout.splitlines())
-    assert len(commands) == 2
+    commands, bad = sweep.read_commands(dry.stdout.splitlines())
+    assert len(commands) == 2 and bad == []
     assert all(c[1] == "train.py" and "model.widths=[2,2,2,2]" in c for c in commands)
     assert [c for c in commands[1] if c.startswith("run.seed=")] == ["run.seed=1"]
+
+
+def test_sweep_skips_a_bad_line_and_gives_each_cpu_command_its_share_of_threads(tmp_path):
+    probe = f"{sys.executable} -c 'import os; print(os.environ[\"OMP_NUM_THREADS\"])'"
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, str(ROOT / "utils" / "sweep.py"), "--gpus", "none",
+                             "--jobs", "2", "--logs", "logs"], input=f"echo 'unclosed\n{probe}\n",
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "sweep: line 1 skipped (No closing quotation): echo 'unclosed" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{share} thread(s) each (OMP_NUM_THREADS)" in result.stdout
+    assert (tmp_path / "logs" / "1.log").read_text().strip() == str(share)
+
+
+def test_sweep_stopped_by_sigterm_lists_the_commands_that_never_started(tmp_path):
+    """The running command checkpoints (exit 3 here) and the waiting ones are named."""
+    stopper = (f"{sys.executable} -c 'import signal, sys, time; "
+               "signal.signal(signal.SIGTERM, lambda *a: sys.exit(3)); "
+               "open(\"started\", \"w\").close(); time.sleep(60)'")
+    later = [f"{sys.executable} -c 'print({i})'" for i in (2, 3)]
+    (tmp_path / "commands.txt").write_text("\n".join([stopper, *later]) + "\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "utils" / "sweep.py"), "--gpus", "none",
+                             "--logs", "logs", "commands.txt"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path, env=ENV, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out + err
+    assert "stopped at a checkpoint (resumable) 1" in out
+    assert "1 stopped at a checkpoint [1], 2 never started:" in err
+    assert f"  2: {later[0]}" in err and f"  3: {later[1]}" in err
 
 
 EVAL_SCRIPT = """

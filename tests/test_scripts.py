@@ -87,6 +87,28 @@ def test_dry_run_of_named_rows_with_seeds_sweep_and_overrides():
     assert len(seen) == 8
 
 
+def test_launcher_takes_a_config_file_from_anywhere_and_runs_python_from_PYTHON(tmp_path):
+    """A row may be the path of any YAML config (relative to where the script is started); the
+    runs use the interpreter named by PYTHON."""
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "variant.yaml").write_text("inner:\n  step_size: 0.3\n")
+    result = subprocess.run([str(LAUNCHER), "--dry-run", "--seeds", "2", "exp/variant.yaml",
+                             "maml_conv4_1shot"], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4
+    assert all(shlex.split(line)[0] == sys.executable for line in lines)
+    config, overrides = parse_command(lines[1])
+    assert config == str(tmp_path / "exp" / "variant.yaml")
+    cfg = load_config(config, overrides)
+    assert (cfg.inner.step_size, cfg.run.name, cfg.run.seed) == (0.3, "variant-seed1", 1)
+    assert parse_command(lines[2])[0] == "configs/maml_conv4_1shot.yaml"
+    missing = subprocess.run([str(LAUNCHER), "--dry-run", "exp/none.yaml"], cwd=tmp_path, env=ENV,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "nor a YAML file exp/none.yaml" in missing.stderr
+
+
 def test_launcher_rejects_unknown_rows_and_options():
     assert run(LAUNCHER, "--dry-run", "no_such_row", check=False).returncode == 2
     assert run(LAUNCHER, "--frobnicate", check=False).returncode == 2

@@ -8,9 +8,13 @@ Commands are read one per line (shell quoting as `run_sparse_MAML.sh --dry-run` 
 lines and `#` comments are skipped) from the files given, or from stdin. Each GPU runs one command
 at a time with CUDA_VISIBLE_DEVICES set to it, so `run.device=auto` in the run means that GPU; the
 next command starts as soon as a GPU is free. Without GPUs (or with `--gpus none`) the commands run
-`--jobs` at a time. Each command's output goes to <logs>/<number>.log. The exit status is 1 if any
-command failed (the others still run). SIGTERM or Ctrl-C reaches the running commands (train.py
-then checkpoints and exits 3, resumable) and no new command starts.
+`--jobs` at a time. Each command gets an equal share of the CPU cores as its thread count
+(OMP_NUM_THREADS = cores // concurrent commands, unless OMP_NUM_THREADS is set): torch's default of
+one thread per core in every command oversubscribes the machine. Each command's output goes to
+<logs>/<number>.log. A line that cannot be split as a shell would is reported and skipped; the
+exit status is 1 if any command failed or any line was skipped (the others still run). SIGTERM or
+Ctrl-C reaches the running commands (train.py then checkpoints and exits 3, resumable), no new
+command starts, the commands that never started are listed, and the exit status is 3.
 """
 
 from __future__ import annotations
@@ -27,15 +31,27 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
+EXIT_STOPPED = 3  # train.py: stopped at a checkpoint on a signal, resumable
 
-def read_commands(lines: Iterable[str]) -> list[list[str]]:
-    """Non-empty, non-comment lines, split as a shell would."""
-    commands = []
-    for line in lines:
+
+def read_commands(lines: Iterable[str]) -> tuple[list[list[str]], list[str]]:
+    """Non-empty, non-comment lines, split as a shell would; and one message per line that could
+    not be split (an unclosed quote), which is left out."""
+    commands, bad = [], []
+    for number, line in enumerate(lines, 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            commands.append(shlex.split(line))
-    return commands
+            try:
+                commands.append(shlex.split(line))
+            except ValueError as err:
+                bad.append(f"line {number} skipped ({err}): {line}")
+    return commands, bad
+
+
+def thread_share(slots: int) -> int:
+    """Intra-op threads for each of `slots` concurrent commands: the usable cores shared out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // slots)
 
 
 def visible_gpus() -> list[str]:
@@ -66,12 +82,14 @@ def parse_slots(gpus: str, jobs: int) -> list[Optional[str]]:
 class Sweep:
     """A queue of commands drained by one worker thread per slot."""
 
-    def __init__(self, commands: list[list[str]], slots: list[Optional[str]], logs: Path):
+    def __init__(self, commands: list[list[str]], slots: list[Optional[str]], logs: Path,
+                 threads: Optional[int] = None):
         self.todo: queue.Queue = queue.Queue()
         for number, command in enumerate(commands, 1):
             self.todo.put((number, command))
-        self.slots, self.logs = slots, logs
+        self.slots, self.logs, self.threads = slots, logs, threads
         self.failed: list[int] = []
+        self.stopped: list[int] = []
         self.running: dict[int, subprocess.Popen] = {}
         self.stopping = False
         self.lock = threading.Lock()
@@ -80,6 +98,8 @@ class Sweep:
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         where = f"gpu {gpu}" if gpu is not None else "cpu"
         while not self.stopping:
             try:
@@ -101,11 +121,16 @@ class Sweep:
                     status = proc.wait()
                     with self.lock:
                         del self.running[number]
-            if status != 0:
+            outcome = "done"
+            if status == EXIT_STOPPED and self.stopping:
+                outcome = "stopped at a checkpoint (resumable)"
+                with self.lock:
+                    self.stopped.append(number)
+            elif status != 0:
+                outcome = f"FAILED (status {status})"
                 with self.lock:
                     self.failed.append(number)
-            print(f"[{where}] {'done' if status == 0 else f'FAILED (status {status})'} {number} "
-                  f"after {time.time() - start:.0f} s", flush=True)
+            print(f"[{where}] {outcome} {number} after {time.time() - start:.0f} s", flush=True)
 
     def stop(self, signum: int) -> None:
         """Start nothing more and pass `signum` to the running commands."""
@@ -113,6 +138,15 @@ class Sweep:
         with self.lock:
             for proc in self.running.values():
                 proc.send_signal(signum)
+
+    def not_started(self) -> list[tuple[int, list[str]]]:
+        """(number, command) of the commands still waiting (after a stop: never started)."""
+        waiting = []
+        while True:
+            try:
+                waiting.append(self.todo.get_nowait())
+            except queue.Empty:
+                return sorted(waiting)
 
     def run(self) -> list[int]:
         """Run every command; returns the numbers of those that failed."""
@@ -145,14 +179,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if args.files:
-        lines = [line for name in args.files for line in Path(name).read_text().splitlines()]
+        try:
+            lines = [line for name in args.files for line in Path(name).read_text().splitlines()]
+        except OSError as err:
+            print(f"sweep: {err}", file=sys.stderr)
+            return 1
     else:
         lines = sys.stdin.read().splitlines()
-    commands = read_commands(lines)
+    commands, bad = read_commands(lines)
+    for message in bad:
+        print(f"sweep: {message}", file=sys.stderr)
     if not commands:
         print("sweep: no commands to run", file=sys.stderr)
-        return 0
-    sweep = Sweep(commands, slots, Path(args.logs))
+        return 1 if bad else 0
+    threads = None if "OMP_NUM_THREADS" in os.environ else thread_share(len(slots))
+    sweep = Sweep(commands, slots, Path(args.logs), threads)
 
     def on_signal(signum: int, frame) -> None:
         if signum == signal.SIGTERM:
@@ -164,14 +205,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     where = (", ".join(f"gpu {g}" for g in slots) if slots[0] is not None
              else f"{len(slots)} cpu slots")
-    print(f"sweep: {len(commands)} commands on {where}", flush=True)
+    share = (f"{threads} thread(s) each (OMP_NUM_THREADS)" if threads is not None
+             else f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} as set")
+    print(f"sweep: {len(commands)} commands on {where}, {share}", flush=True)
     failed = sweep.run()
+    if bad:
+        print(f"sweep: {len(bad)} input line(s) skipped (see above)", file=sys.stderr)
     if failed:
         print(f"sweep: {len(failed)} of {len(commands)} failed: {failed} (logs in {args.logs})",
               file=sys.stderr)
+    if sweep.stopping:
+        waiting = sweep.not_started()
+        print(f"sweep: stopped; {len(sweep.stopped)} stopped at a checkpoint {sweep.stopped}, "
+              f"{len(waiting)} never started{':' if waiting else ''}", file=sys.stderr)
+        for number, command in waiting:
+            print(f"  {number}: {shlex.join(command)}", file=sys.stderr)
+        return EXIT_STOPPED
+    if failed:
         return 1
     print(f"sweep: all {len(commands)} commands finished (logs in {args.logs})")
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
     python train.py --resume runs/my_run train.epochs=24   # ... and extend it
     python train.py run.dir=runs/job run.resume=auto # start, or continue if runs/job holds the run
 
-SIGTERM or SIGINT (Ctrl-C) finishes the current meta-batch, writes a checkpoint and exits with
-status 3; a second signal exits at once. Exit statuses: 0 done, 1 error (message on stderr),
-3 stopped and resumable, 4 stopped by the NaN guard (outer.max_bad_steps). See docs/runs.md.
+SIGTERM, SIGINT (Ctrl-C) or SIGUSR2 (Slurm's time-limit warning) finishes the current meta-batch,
+writes a checkpoint and exits with status 3; a second SIGTERM or SIGINT exits at once. Exit
+statuses: 0 done, 1 error (message on stderr), 3 stopped and resumable, 4 stopped by the NaN guard
+(outer.max_bad_steps), 130 interrupted before training. See docs/runs.md.
 
     torchrun --nproc_per_node=4 train.py -c configs/x.yaml   # one meta-batch split over 4 GPUs
 
@@ -41,18 +42,22 @@ from ..training import TrainingDiverged, TrainingStopped, fit
 from . import lead, print_sparsity, run_command
 
 # Exit statuses besides 0 (done), 1 (error) and 130 (interrupted); Python itself uses 1 and 2.
-EXIT_STOPPED = 3  # stopped by SIGTERM/SIGINT after checkpointing: resumable
+EXIT_STOPPED = 3  # stopped by SIGTERM/SIGINT/SIGUSR2 after checkpointing: resumable
 EXIT_DIVERGED = 4  # the NaN guard stopped the run (a checkpoint of the last good state was written)
 
 
 class StopSignal:
-    """Context manager: the first SIGTERM/SIGINT asks the training loop to stop after the current
-    meta-batch (call the object to ask whether one came); a second one ends the process at once.
+    """Context manager: the first SIGTERM/SIGINT/SIGUSR2 asks the training loop to stop after the
+    current meta-batch (call the object to ask whether one came); a second SIGTERM or SIGINT ends
+    the process at once.
 
-    Installed around fit(), never on import; outside the main thread it does nothing.
+    SIGUSR2 is the warning Slurm (through submitit) sends before a job's time limit; it reaches
+    every process of the job, and the job's wrapper may pass it on again, so a repeated SIGUSR2
+    never ends the process. Installed around fit(), never on import; outside the main thread it
+    does nothing.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)):
         self.signals = signals
         self.received: Optional[int] = None
         self._previous: dict[int, Any] = {}
@@ -62,6 +67,8 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # second signal: die of it, now
+            if signum == signal.SIGUSR2:
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

@@ -9,7 +9,7 @@ accelerator.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -28,18 +28,22 @@ from .transforms import EpisodeTransform
 SPLITS = ("train", "val", "test")
 
 
+# data.name -> (omniglot_rotations) -> the layouts that dataset can be read from, fastest first.
+# (synthetic is generated and folder is your own: build_split opens those two directly.)
+DATASETS: dict[str, Callable[[bool], list[Layout]]] = {
+    "miniimagenet": lambda rotations: MINI_LAYOUTS,
+    "tieredimagenet": lambda rotations: TIERED_LAYOUTS,
+    "cub": lambda rotations: CUB_LAYOUTS,
+    "cars": lambda rotations: CARS_LAYOUTS,
+    "omniglot": omniglot_layouts,
+}
+
+
 def dataset_layouts(name: str, omniglot_rotations: bool = False) -> list[Layout]:
     """The layouts `name` can be read from, fastest first."""
-    layouts = {
-        "miniimagenet": MINI_LAYOUTS,
-        "tieredimagenet": TIERED_LAYOUTS,
-        "cub": CUB_LAYOUTS,
-        "cars": CARS_LAYOUTS,
-        "omniglot": omniglot_layouts(omniglot_rotations),
-    }
-    if name not in layouts:
-        raise DataError(f"unknown dataset {name!r}; choose synthetic or one of {', '.join(layouts)}")
-    return layouts[name]
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose synthetic or one of {', '.join(DATASETS)}")
+    return DATASETS[name](omniglot_rotations)
 
 
 def open_split(name: str, root: str | Path, split: str, layout: str = "auto",
@@ -131,7 +135,7 @@ def build_episodes(data, split: FewShotSplit, seed: int, augment: bool,
     return EpisodeDataset(split, data.num_ways, data.num_shots, data.num_query, seed, transform)
 
 
-__all__ = ["BadImages", "DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan",
+__all__ = ["DATASETS", "BadImages", "DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan",
            "EpisodeTransform", "FewShotSplit", "SPLITS", "SyntheticGlyphs", "Task",
            "TrainStatistics", "apply_input_record", "build_episodes", "check_input_record", "build_split", "check_episode_sizes",
            "check_present", "dataset_layouts", "default_device", "episode_loader",
