@@ -202,6 +202,14 @@ def _validate_epoch(exp: Experiment, run_dir: Path, log: RunLog, record: dict, b
               f"val accuracy {mean:.2%} +- {ci:.2%}{sparsity_text}" + (" (best)" if is_best else ""))
 
 
+def announce_compilation(learner: MetaLearner, bar: tqdm, what: str, announced: set[str]) -> None:
+    """Before the first meta-batch (or validation) of outer.implementation=compiled: say that its
+    graphs compile now, since that call can take a minute with no progress; once per `what`."""
+    if learner.compiled is not None and what not in announced and distributed.is_main_process():
+        announced.add(what)
+        bar.write(f"compiling the {what} (first use; the time follows) ...")
+
+
 def report_compilation(learner: MetaLearner, bar: tqdm) -> None:
     """Say which graphs outer.implementation=compiled just compiled, and how long it took."""
     events = learner.compile_events()
@@ -225,6 +233,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
     bar = tqdm(total=train_cfg.epochs * bpe, initial=state.step, desc="meta-train",
                dynamic_ncols=True, disable=not show)
     clock = time.time()
+    announced: set[str] = set()  # compilations announced (compiled implementation)
 
     def save(mid_epoch: bool = True) -> Path:
         nonlocal clock
@@ -247,6 +256,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         batches = iter(train_batches(exp, state.step, bpe - done))
         exp.apply_pending_rng()
         for batch in batches:
+            announce_compilation(learner, bar, "inner-step and query graphs", announced)
             loss, acc, applied = guarded_step(exp, batch.to(exp.device, non_blocking=True))
             report_compilation(learner, bar)
             state.step += 1
@@ -298,6 +308,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         state.epoch_losses, state.epoch_accuracies = [], []
         state.epoch_skipped, state.epoch_seconds = 0, 0.0
         if validates(train_cfg, epoch):
+            announce_compilation(learner, bar, "evaluation graphs", announced)
             _validate_epoch(exp, run_dir, log, record, bar)
             report_compilation(learner, bar)
         path = save(mid_epoch=False)

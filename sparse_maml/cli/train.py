@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import distributed
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config, write_yaml
 from ..data import DataError, build_split, check_present, find_bad_images
 from ..evaluation import test_checkpoint
 from ..resume import open_run
@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-code", action="store_true",
                         help="with --resume: allow importing the backbone code (model.arch: "
                              "file.py:Class or module:Class) that the run folder names")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file, then overrides) as YAML and exit "
+                             "without training or writing anything")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inner.steps=35")
     return parser.parse_intermixed_args(argv)  # options and overrides in any order
 
@@ -240,6 +243,10 @@ def cli(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         cfg, resume_from = load_run_config(args.config, args.overrides, args.resume, args.trust_code)
+        if args.print_config:
+            if lead():
+                write_yaml(cfg, sys.stdout)
+            return 0
         if args.check_data:
             return check_data(cfg)
         if args.config is None and args.resume is None and not args.overrides and lead():
