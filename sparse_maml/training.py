@@ -13,7 +13,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -108,8 +108,10 @@ def state_is_finite(exp: Experiment) -> bool:
     return not distributed.any_process(not finite)
 
 
-def guarded_step(exp: Experiment, batch) -> tuple[float, float, bool]:
+def guarded_step(exp: Experiment, batch) -> tuple[float, float, Optional[str]]:
     """outer_step, then undo an update that left a weight or an optimizer state non-finite.
+    Returns (loss, accuracy, None) for an applied update, or (loss, accuracy, what went wrong)
+    for a skipped one.
 
     A finite loss marks the weights it was computed with as good (exp.last_good). An update can
     still overflow (outer.lr=1e300 gives inf weights) or give finite but huge weights (1e30) whose
@@ -120,12 +122,16 @@ def guarded_step(exp: Experiment, batch) -> tuple[float, float, bool]:
     loss, acc, applied = outer_step(exp, batch)
     if not applied:
         roll_back(exp, before)  # an overflowing optimizer step may have changed some tensors
-        return loss, acc, False
+        if not math.isfinite(loss):
+            return loss, acc, f"non-finite outer loss ({loss})"
+        return loss, acc, (f"finite outer loss ({loss:.4g}) but a non-finite gradient or an "
+                           "optimizer step that overflowed")
     if not state_is_finite(exp):
         roll_back(exp, before)
-        return loss, acc, False
+        return loss, acc, (f"finite outer loss ({loss:.4g}) but an update that left a weight or "
+                           "an optimizer state non-finite")
     exp.last_good = before  # these weights gave a finite loss and a finite update
-    return loss, acc, True
+    return loss, acc, None
 
 
 def _apply_update(exp: Experiment) -> bool:
@@ -257,11 +263,11 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         exp.apply_pending_rng()
         for batch in batches:
             announce_compilation(learner, bar, "inner-step and query graphs", announced)
-            loss, acc, applied = guarded_step(exp, batch.to(exp.device, non_blocking=True))
+            loss, acc, problem = guarded_step(exp, batch.to(exp.device, non_blocking=True))
             report_compilation(learner, bar)
             state.step += 1
             bar.update(1)
-            if applied:
+            if problem is None:
                 state.bad_streak = 0
                 state.epoch_losses.append(loss)
                 state.epoch_accuracies.append(acc)
@@ -271,8 +277,8 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
                 state.bad_streak += 1
                 state.skipped_steps += 1
                 state.epoch_skipped += 1
-                bar.write(f"step {state.step}: non-finite outer loss ({loss}), gradient, weight "
-                          f"or optimizer state; update skipped ({state.bad_streak} in a row)")
+                bar.write(f"step {state.step}: {problem}; update skipped ({state.bad_streak} in "
+                          "a row)")
                 if state.bad_streak >= config.outer.max_bad_steps:
                     log.log("diverged", state.step, epoch=epoch, bad_streak=state.bad_streak,
                             skipped_steps=state.skipped_steps)
@@ -282,7 +288,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
                     bar.close()
                     raise TrainingDiverged(
                         f"stopped: {state.bad_streak} consecutive meta-batches (up to step "
-                        f"{state.step}) had a non-finite outer loss, gradient or update "
+                        f"{state.step}) were skipped, the last for a {problem} "
                         f"(outer.max_bad_steps={config.outer.max_bad_steps}); the weights in {path} "
                         "are the last good ones. Lower outer.lr, outer.mask_lr or inner.step_size, "
                         "or set outer.grad_clamp.", path)

@@ -243,6 +243,9 @@ def _stop_checkpoint_is_sane(ws):
 
 
 def _stop_checkpoint_is_finite(ws):
+    # The loss was finite: the message says the optimizer step overflowed, not that the loss did.
+    assert "finite outer loss (" in ws.out and "optimizer step that overflowed" in ws.out, ws.out
+    assert "non-finite outer loss" not in ws.out, ws.out
     _, path = checkpoint.list_checkpoints(ws.root / "run")[-1]
     saved = checkpoint.load(path)
     assert all(bool(t.isfinite().all()) for t in saved["learner"].values() if t.is_floating_point())

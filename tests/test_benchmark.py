@@ -19,6 +19,7 @@ def test_benchmark_prints_a_row_per_implementation_with_compile_time_and_memory(
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("device: CPU")
+    assert "USDT:" not in result.stdout + result.stderr  # the profiler's native chatter is silenced
     rows = {m["impl"]: m for m in map(ROW.match, result.stdout.splitlines()) if m}
     assert set(rows) == {"reference", "loop", "vmap", "compiled"}
     assert rows["reference"]["ratio"] == "1.00"

@@ -10,9 +10,12 @@ import threading
 import pytest
 import torch
 
+from tqdm import tqdm
+
 from sparse_maml.compiled import CompiledAdaptation
 from sparse_maml.config import ConfigError, load_config
 from sparse_maml.meta_learner import build_meta_learner
+from sparse_maml.training import announce_compilation
 
 from helpers import random_tasks
 
@@ -157,3 +160,19 @@ def test_a_run_may_switch_implementation_on_resume(tmp_path):
                                               "outer.compile_mode=reduce-overhead"]), tmp_path)
     with pytest.raises(ConfigError, match="outer.precision"):
         check_resumable(saved, load_config(None, ["outer.precision=bf16"]), tmp_path)
+
+
+def test_training_announces_compilation_before_the_first_compiling_call(capsys):
+    """The first meta-batch (and the first validation) of a compiled run can sit silent for half a
+    minute while its graphs compile: fit() says so before the call, once each; other
+    implementations compile nothing and say nothing."""
+    announced: set[str] = set()
+    bar = tqdm(disable=True)
+    for implementation in ("loop", "compiled", "compiled"):
+        config = load_config(None, ["model.widths=[4,4,4,4]", f"outer.implementation={implementation}"])
+        learner = build_meta_learner(config, in_channels=1, image_size=16)
+        announce_compilation(learner, bar, "inner-step and query graphs", announced)
+    announce_compilation(learner, bar, "evaluation graphs", announced)
+    assert capsys.readouterr().out.splitlines() == [
+        "compiling the inner-step and query graphs (first use; the time follows) ...",
+        "compiling the evaluation graphs (first use; the time follows) ..."]

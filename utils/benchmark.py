@@ -18,9 +18,11 @@ compiled implementation's tasks then run one after another instead of on worker 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -145,6 +147,22 @@ class Row:
         return self.config.outer.meta_batch_size / statistics.median(self.seconds)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Discard what native code writes to file descriptor 2 inside the block: the profiler's
+    library prints `USDT:`/`STAGE:` lines there at every start and stop, whatever its log level.
+    Python's own stderr is flushed first and written normally again after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def step_peak_memory(row: Row) -> float:
     """Most memory (MiB) allocated during one outer step beyond what was allocated before it.
 
@@ -163,12 +181,14 @@ def step_peak_memory(row: Row) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.profiler.profile(activities=activities, profile_memory=True,
-                                    record_shapes=True, with_stack=True) as prof:
+        with native_stderr_silenced(), torch.profiler.profile(
+                activities=activities, profile_memory=True, record_shapes=True,
+                with_stack=True) as prof:
             row.step()
     finally:
         torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
+            native_stderr_silenced():
         warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA; the CPU way in 2.x
         path = Path(folder) / "memory.json"
         prof.export_memory_timeline(str(path), device="cpu")
