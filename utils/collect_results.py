@@ -42,6 +42,7 @@ from sparse_maml.results import (ARCH_LABELS, PROTOCOL_NONE, Run, default_out, f
                                  report_left_out, warn)
 
 PAPER_FILE = Path(__file__).resolve().parents[1] / "configs" / "paper_results.yaml"
+PAPER_DATASET = "miniimagenet"  # the dataset of every number in PAPER_FILE
 # The first line of every results.md this script writes: a results.md (and results.csv beside it)
 # without it is someone's own file, and is never written over.
 MARK = "<!-- written by utils/collect_results.py -->"
@@ -115,7 +116,7 @@ class Row:
         p = self.published
         if p is None or p.protocol != self.protocol or self.cross_domain:
             return None
-        return p.value if self.train_dataset == "miniimagenet" and self.ways == 5 else None
+        return p.value if self.train_dataset == PAPER_DATASET and self.ways == 5 else None
 
     def paper_text(self) -> str:
         """The paper column: the number, or why there is none."""
@@ -208,23 +209,32 @@ COLUMNS = ["method", "arch", "shots", "protocol", "trained on", "tested on", "va
 
 
 def markdown(rows: list[Row], protocols: dict[str, str] | None = None) -> str:
-    """The full table, then the paper-style grids (settings x methods) of the in-domain cells."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """The full table, then the paper-style grids (settings x methods) of the in-domain cells.
+    The published numbers are MiniImageNet's: their column and grids appear only when some run
+    was trained on MiniImageNet."""
+    with_paper = any(r.train_dataset == PAPER_DATASET for r in rows)
+    columns = [c for c in COLUMNS if with_paper or c != "paper (%)"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         tested = r.dataset + (" (cross-domain)" if r.cross_domain else "")
         lines.append("| " + " | ".join([
             label(r.method), ARCH_LABELS.get(r.arch, r.arch), f"{r.ways}-way {r.shots}-shot",
-            r.protocol, r.train_dataset, tested, r.variant or "", r.result_text(), r.paper_text(),
+            r.protocol, r.train_dataset, tested, r.variant or "", r.result_text(),
+            *([r.paper_text()] if with_paper else []),
             str(len(r.accuracies)), "/".join(sorted({str(n) for n in r.num_tasks})),
         ]) + " |")
     used = sorted({r.protocol for r in rows} & set(protocols or {}))
     text = "\n".join(lines) + "\n\n" + (
         "Accuracy: mean ± 95% confidence interval over the test tasks (one seed), or mean ± standard "
-        "deviation over seeds (n seeds). Paper: the published number (configs/paper_results.yaml, "
-        "no intervals), shown only beside runs of the protocol that produced it; \"none under this "
-        "protocol\" marks a same-protocol run with no published number.\n")
+        "deviation over seeds (n seeds).")
+    text += (" Paper: the published number (configs/paper_results.yaml, MiniImageNet, no "
+             "intervals), shown only beside runs of the protocol that produced it; \"none under this "
+             "protocol\" marks a same-protocol run with no published number.\n" if with_paper else
+             " No run was trained on MiniImageNet, so no published number is shown.\n")
     if used:
         text += "Protocols: " + "; ".join(f"{p} = {protocols[p]}" for p in used) + ".\n"
+    if not with_paper:
+        return text
     grids = [paper_grid(rows, "as published (each number under its own protocol)",
                         lambda r: r.paper is not None),
              paper_grid(rows, "all methods under the reference's protocol",
