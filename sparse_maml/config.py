@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -502,7 +503,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree = _merge(tree, parse_overrides(list(overrides)))
     config = _build(Config, tree)
     validate(config)
-    return config
+    return _with_backbone_file_resolved(config)
+
+
+def _with_backbone_file_resolved(config: Config) -> Config:
+    """model.arch=path/to/file.py:Class with the file's absolute path, so that the run's
+    config.yaml still names the file when test.py or a resume starts in another folder."""
+    where, _, name = config.model.arch.rpartition(":")
+    if not where.endswith(".py") or Path(where).is_absolute():
+        return config
+    model = dataclasses.replace(config.model, arch=f"{os.path.abspath(where)}:{name}")
+    return dataclasses.replace(config, model=model)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -108,8 +108,17 @@ def test_a_tiny_custom_backbone_trains_one_step_through_the_cli(backbones, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     assert "my_nets.py:TinyNet with 133 weights" in result.stdout  # conv 36+4, norm 4+4, head 80+5
     assert "body.0.weight" in result.stdout and "head.weight" in result.stdout  # mask sparsity table
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["arch"] == "my_nets.py:TinyNet"
+    # Stored with the file's absolute path: test.py started in another folder finds the code.
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["arch"]
+    assert stored == f"{backbones / 'my_nets.py'}:TinyNet"
     assert (run_dir / "best.pt").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tested = subprocess.run([sys.executable, str(ROOT / "test.py"), str(run_dir), "--trust-code"],
+                            cwd=elsewhere, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "synthetic/test: " in tested.stdout and "95% CI over 6 tasks" in tested.stdout
 
 
 def test_an_importable_module_and_every_adaptation_rule(backbones, monkeypatch, one_thread):
@@ -153,11 +162,13 @@ def test_sparse_maml_plus_shapes_its_generator_from_the_backbone_or_refuses(back
     (":Net", "expected module:Class"),
     ("vgg", "model.arch: 'vgg' is not allowed; choose one of 'conv4', 'resnet12' or a backbone of"),
 ])
-def test_refused_at_config_load(backbones, monkeypatch, arch, message):
+def test_refused_with_a_clear_message(backbones, monkeypatch, arch, message):
+    """A malformed name is refused when the config loads, code that cannot serve when the model
+    is built (loading a config imports nothing)."""
     monkeypatch.syspath_prepend(str(backbones))
     monkeypatch.chdir(backbones)
     with pytest.raises(ConfigError, match=message):
-        tiny_config(f"model.arch={arch}")
+        build_meta_learner(tiny_config(f"model.arch={arch}"), in_channels=1, image_size=16)
 
 
 @pytest.mark.parametrize("name, message", [
