@@ -80,6 +80,12 @@ class RunConfig:
     checkpoint_every: int = housekeeping(0)
     """Also checkpoint every this many meta-batches (0: only at the end of each epoch, on a stop
     signal and when the NaN guard stops the run)."""
+    wandb_project: str = housekeeping("")
+    """Also log the run's numbers and config to Weights & Biases, in this project (empty: off).
+    Needs the `wandb` extra (pip install '.[wandb]'); WANDB_MODE=offline logs without a network."""
+    mlflow_uri: str = housekeeping("")
+    """Also log the run's numbers and config to MLflow at this tracking URI, in the experiment
+    named run.name, e.g. file:./mlruns or http://host:5000 (empty: off). Needs the `mlflow` extra."""
     protocol: str = replicate("")
     """Label of the published protocol this run follows, read by utils/collect_results.py: it puts
     a published number beside a run only when the number was produced under this protocol (see

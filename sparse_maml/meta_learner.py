@@ -95,15 +95,21 @@ class MetaLearner(nn.Module):
             self.generator.draw_noise(num_tasks)
 
     @torch.no_grad()
-    def mask_sparsity(self) -> dict[str, float]:
+    def current_masks(self) -> dict[str, torch.Tensor]:
+        """m = f(φ) per masked adapted tensor (one fresh draw for a generator), in inner order."""
+        shared, per_task = self.draw_masks(1)
+        values = {**shared, **{n: m[0] for n, m in per_task.items()}}
+        return {n: values[n] for n in self.inner_names if n in values}
+
+    @torch.no_grad()
+    def mask_sparsity(self, masks: Optional[dict[str, torch.Tensor]] = None) -> dict[str, float]:
         """Fraction of entries with inner learning switched off, per masked parameter and overall.
 
         The key "mean" is the fraction over all masked entries. Generated masks (sparse-MAML+) are
-        measured on one fresh draw.
+        measured on one fresh draw, or on `masks` (from current_masks) when given.
         """
-        shared, per_task = self.draw_masks(1)
-        values = {**shared, **{n: m[0] for n, m in per_task.items()}}
-        names = [n for n in self.inner_names if n in values]
+        values = self.current_masks() if masks is None else masks
+        names = list(values)
         if not names:
             return {}
         result = {n: sparsity(values[n]) for n in names}

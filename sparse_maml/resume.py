@@ -17,6 +17,7 @@ from .config import Config
 from .experiment import Experiment, build_experiment
 from .run_folder import (CONFIG, WRITTEN, check_existing_run, make_folder, make_run_dir,
                          new_run_dir, remove_stale_temporaries, write_config)
+from .provenance import record_provenance
 from .run_lock import RunLock
 from .run_log import NullRunLog, RunLog
 
@@ -43,8 +44,10 @@ def open_run(config: Config, device: torch.device, resume_dir: Optional[Path] = 
             lock = RunLock(run_dir, report).acquire()
         try:
             distributed.on_main(make_run_dir, config, run_dir)  # refuses a used folder, under the lock
-            return exp, run_dir, (RunLog(run_dir, config.run.tensorboard, lock=lock)
-                                  if main_process else NullRunLog())
+            if not main_process:
+                return exp, run_dir, NullRunLog()
+            record_provenance(run_dir, "start", exp.device)
+            return exp, run_dir, RunLog(run_dir, config.run.tensorboard, lock=lock, config=config)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -93,14 +96,16 @@ def _open_existing(config: Config, device: torch.device, resume_dir: Path, lock:
             report(f"resume: {key}: {old!r} -> {new!r}")
     if not main_process:
         return exp, resume_dir, NullRunLog()
+    record_provenance(resume_dir, "start" if found is None else "resume", exp.device)
     if found is None:
         report(f"{resume_dir} holds no checkpoint yet: starting it from the beginning")
-        log = RunLog(resume_dir, config.run.tensorboard, truncate_to=0, purge_step=0, lock=lock)
+        log = RunLog(resume_dir, config.run.tensorboard, truncate_to=0, purge_step=0, lock=lock,
+                     config=config)
     else:
         report(f"resuming {resume_dir} from {path.name}: {exp.state.epoch} epochs and "
                f"{exp.state.step} meta-batches done")
         log = RunLog(resume_dir, config.run.tensorboard, truncate_to=saved["metrics_bytes"],
-                     purge_step=exp.state.step + 1, lock=lock)
+                     purge_step=exp.state.step + 1, lock=lock, config=config)
     if log.dropped:
         kinds = sorted({str(r.get("kind")) for r in log.dropped})
         report(f"resume: dropped {len(log.dropped)} records of metrics.jsonl written after the "

@@ -1,13 +1,20 @@
-"""The run's log: metrics.jsonl (one JSON object a line) and TensorBoard events beside it."""
+"""The run's log: metrics.jsonl (one JSON object a line), TensorBoard events beside it (scalars,
+the config as text, per-tensor mask histograms, hparams with the final metrics) and the optional
+trackers (trackers.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from .config import Config, write_yaml
 from .run_folder import METRICS, is_kept_on_resume, record_written
+from .trackers import flat_params, open_trackers
 
 
 class RunLog:
@@ -22,8 +29,10 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, tensorboard: bool, truncate_to: Optional[int] = None,
-                 purge_step: Optional[int] = None, lock: Any = None, record: bool = True):
+                 purge_step: Optional[int] = None, lock: Any = None, record: bool = True,
+                 config: Optional[Config] = None):
         self.path = Path(run_dir) / METRICS
+        self.config = config
         self.lock = lock
         self.kept: list[dict[str, Any]] = []
         self.dropped: list[dict[str, Any]] = []
@@ -40,6 +49,13 @@ class RunLog:
             self.writer.flush()
             record_written(Path(run_dir), *sorted(p.name for p in
                                                    set(Path(run_dir).glob("events.out.tfevents.*")) - before))
+            if config is not None:
+                text = io.StringIO()
+                write_yaml(config, text)  # indented: Markdown shows it as a code block
+                self.writer.add_text("config", "".join(f"    {line}\n" for line in
+                                                       text.getvalue().splitlines()))
+        # The trackers (W&B, MLflow) the config turns on; test.py's log (no config) has none.
+        self.trackers = open_trackers(config, Path(run_dir)) if config is not None else []
 
     def _cut(self, size: int) -> None:
         """Truncate metrics.jsonl to `size` bytes, then append back test.py's records after it."""
@@ -75,19 +91,46 @@ class RunLog:
         record = {"kind": kind, "step": step, **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        numbers = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                numbers |= {f"{kind}/{key}/{sub}": v for sub, v in value.items()}
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers[f"{kind}/{key}"] = value
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, dict):
-                    for sub, v in value.items():
-                        self.writer.add_scalar(f"{kind}/{key}/{sub}", v, step)
-                elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+            for tag, value in numbers.items():
+                self.writer.add_scalar(tag, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, numbers)
+
+    def histograms(self, kind: str, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        """TensorBoard only: one histogram per tensor under `kind/` (e.g. each layer's mask)."""
+        if self.writer is not None:
+            for name, tensor in tensors.items():
+                self.writer.add_histogram(f"{kind}/{name}", tensor.detach().float().cpu(), step)
+
+    def finish(self, metrics: dict[str, float]) -> None:
+        """At the end of training: the config's values with the final `metrics` (TensorBoard's
+        hparams view), and each tracker's summary."""
+        if self.writer is not None and self.config is not None:
+            from torch.utils.tensorboard.summary import hparams
+
+            for summary in hparams(flat_params(self.config),
+                                   {f"hparam/{k}": v for k, v in metrics.items()}):
+                self.writer.file_writer.add_summary(summary)
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"hparam/{key}", value)
+        for tracker in self.trackers:
+            tracker.finish(metrics)
+        self.trackers = []
 
     def scalars(self, kind: str, step: int, **values: float) -> None:
         """TensorBoard only (not metrics.jsonl): scalars under `kind/` at global meta-batch `step`."""
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"{kind}/{key}", value, step)
+        for tracker in self.trackers:
+            tracker.log(step, {f"{kind}/{key}": value for key, value in values.items()})
 
     def flush(self) -> None:
         """Push TensorBoard events to disk (metrics.jsonl is written line by line)."""
@@ -95,7 +138,11 @@ class RunLog:
             self.writer.flush()
 
     def close(self) -> None:
-        """Flush TensorBoard and release the run folder's lock."""
+        """Flush TensorBoard, end the trackers' runs (a stopped run's tracker runs are left
+        resumable) and release the run folder's lock."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         if self.writer is not None:
             self.writer.close()
         if self.lock is not None:
@@ -107,6 +154,8 @@ class NullRunLog(RunLog):
 
     def __init__(self) -> None:
         self.writer = None
+        self.config = None
+        self.trackers = []
         self.lock = None
         self.kept, self.dropped = [], []
 

@@ -299,7 +299,9 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
                                       f"{path}", path)
             if every and state.step % every == 0 and state.step % bpe != 0:
                 save()
-        sparsity = learner.mask_sparsity()
+        masks = learner.current_masks()  # one draw (a generator's draw uses the RNG) for both
+        sparsity = learner.mask_sparsity(masks)
+        log.histograms("mask", state.step, masks)
         losses, accuracies = state.epoch_losses, state.epoch_accuracies
         record = {"epoch": epoch,
                   "loss": float(np.mean(losses)) if losses else float("nan"),

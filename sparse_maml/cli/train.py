@@ -177,8 +177,10 @@ def check_data(config: Config) -> int:
     return 1 if bad_total else 0
 
 
-def test_best(config: Config, run_dir: Path, exp, log: RunLog) -> None:
-    """Test the best checkpoint on the run's own test split, then on each cross-domain dataset."""
+def test_best(config: Config, run_dir: Path, exp, log: RunLog) -> dict[str, float]:
+    """Test the best checkpoint on the run's own test split, then on each cross-domain dataset;
+    returns {"test_accuracy" (own split), "test_accuracy_<dataset>" (cross-domain): mean}."""
+    means = {}
     for test_config in [config, *cross_domain_configs(config, exp.learner.image_size)]:
         accs, info = test_checkpoint(test_config, run_dir, "test", exp.device)
         mean, ci = mean_confidence_interval(accs)
@@ -189,7 +191,9 @@ def test_best(config: Config, run_dir: Path, exp, log: RunLog) -> None:
         chance = 1 / config.data.num_ways
         print(f"test accuracy ({name}, {len(accs)} tasks, best checkpoint of epoch "
               f"{info['epoch']}): {mean:.2%} +- {ci:.2%} (95% CI; chance {chance:.0%})")
+        means["test_accuracy" if test_config is config else f"test_accuracy_{name}"] = mean
     print_sparsity(info["sparsity"])
+    return means
 
 
 def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
@@ -229,8 +233,10 @@ def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
             state = fit(exp, run_dir, log, should_stop=stop)
         print(f"best validation accuracy {state.best_val_accuracy:.2%} +- {state.best_val_ci:.2%} "
               f"(epoch {state.best_epoch})")
+        final = {"best_val_accuracy": state.best_val_accuracy}
         if config.train.test_after_training:
-            test_best(config, run_dir, exp, log)
+            final |= test_best(config, run_dir, exp, log)
+        log.finish(final)
     finally:
         log.close()
     return run_dir
