@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import runpy
@@ -265,3 +266,19 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, one_thread):
         print(f"  {source}  {text[:70]}  -- {reason}")
     assert used_rules == {reason for reason, _ in SKIP_RULES}, "a skip rule matches no command"
     assert len(ran) >= 20  # the documented workflow, not only skips
+    check_run_folder_as_described(work / "runs/sparse_maml_conv4_5shot")
+
+
+def check_run_folder_as_described(run_dir: Path) -> None:
+    """The README's account of a run folder: what each metrics.jsonl record holds, provenance."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    described = {
+        "train": {"loss", "accuracy", "skipped_steps", "seconds", "mask_sparsity", "layer_sparsity"},
+        "val": {"accuracy", "ci95", "best"},
+        "test": {"dataset", "accuracy", "ci95", "num_tasks", "steps", "sparsity"},
+    }
+    for kind, keys in described.items():
+        of_kind = [r for r in records if r["kind"] == kind]
+        assert of_kind and all(keys <= set(r) for r in of_kind), (kind, of_kind[:1])
+    starts = [json.loads(line) for line in (run_dir / "provenance.jsonl").read_text().splitlines()]
+    assert starts[0]["event"] == "start" and "train.py" in " ".join(starts[0]["command"])
