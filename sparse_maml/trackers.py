@@ -15,7 +15,7 @@ from .config import Config, ConfigError, flatten, to_dict
 
 def _missing(field: str, value: str, package: str) -> ConfigError:
     return ConfigError(f"run.{field}={value}: the {package} package is not installed; install the "
-                       f"extra (pip install '.[{package}]' in this folder, or pip install {package}) "
+                       f"extra (pip install -e '.[{package}]' in this folder, or pip install {package}) "
                        f"or leave run.{field} empty")
 
 

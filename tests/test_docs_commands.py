@@ -276,9 +276,11 @@ def check_run_folder_as_described(run_dir: Path) -> None:
         "train": {"loss", "accuracy", "skipped_steps", "seconds", "mask_sparsity", "layer_sparsity"},
         "val": {"accuracy", "ci95", "best"},
         "test": {"dataset", "accuracy", "ci95", "num_tasks", "steps", "sparsity"},
+        "test.py": {"dataset", "split", "accuracy", "ci95", "num_tasks", "steps", "overrides"},
     }
     for kind, keys in described.items():
-        of_kind = [r for r in records if r["kind"] == kind]
+        of_kind = [r for r in records if r["kind"] == kind.removesuffix(".py")
+                   and ("overrides" in r) == kind.endswith(".py")]
         assert of_kind and all(keys <= set(r) for r in of_kind), (kind, of_kind[:1])
     starts = [json.loads(line) for line in (run_dir / "provenance.jsonl").read_text().splitlines()]
     assert starts[0]["event"] == "start" and "train.py" in " ".join(starts[0]["command"])

@@ -96,5 +96,5 @@ def test_mlflow_local_store_receives_params_metrics_and_the_end(tmp_path, monkey
 def test_a_tracker_that_is_not_installed_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ConfigError, match=r"run.wandb_project=p: the wandb package is not "
-                                          r"installed; install the extra \(pip install '.\[wandb\]'"):
+                                          r"installed; install the extra \(pip install -e '.\[wandb\]'"):
         train.main(tiny_config(*ONE_EPOCH, f"run.dir={tmp_path / 'run'}", "run.wandb_project=p"))

@@ -5,6 +5,7 @@
     python train.py --resume runs/my_run             # continue a stopped run exactly
     python train.py --resume runs/my_run train.epochs=24   # ... and extend it
     python train.py run.dir=runs/job run.resume=auto # start, or continue if runs/job holds the run
+    python train.py -c configs/x.yaml --print-config # the resolved config as YAML; nothing runs
 
 SIGTERM, SIGINT (Ctrl-C) or SIGUSR2 (Slurm's time-limit warning) finishes the current meta-batch,
 writes a checkpoint and exits with status 3; a second SIGTERM or SIGINT exits at once. Exit
