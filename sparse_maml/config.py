@@ -257,7 +257,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Reading YAML. A config may come from someone else (a received run folder), so the reader is
 # bounded and strict: no aliases (500 bytes of nested aliases expand to 10^8 strings), no nesting
-# deeper than MAX_DEPTH, no file over MAX_BYTES, no key given twice, no key that is not a name, and
+# deeper than MAX_DEPTH, no file over MAX_BYTES, no key given twice, and
 # YAML 1.2's numbers and booleans instead of YAML 1.1's surprises (`1:30` is 90, `010` is 8, `no`
 # is false): those stay text, which the schema then refuses, naming the key.
 
@@ -274,8 +274,8 @@ def shorten(value: Any) -> str:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader without aliases, deep nesting, repeated or non-name keys, or YAML 1.1's
-    implicit sexagesimal, octal and yes/no values."""
+    """yaml.SafeLoader without aliases, deep nesting, repeated keys, keys other than names and
+    numbers, or YAML 1.1's implicit sexagesimal, octal and yes/no values."""
 
     depth = 0
 
@@ -296,9 +296,10 @@ class StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, str):
+            if not isinstance(key, (str, int)) or isinstance(key, bool):  # (a config: names only)
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {shorten(key)} is not a name", key_node.start_mark)
+                    None, None, f"key {shorten(key)} is not a name or a number",
+                    key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark)

@@ -106,8 +106,8 @@ def load_run_config(config_file: Optional[str], overrides: list[str], resume: Op
                     trust_code: bool = False) -> tuple[Config, Optional[Path]]:
     """The config, and the run folder to continue (--resume, or run.resume=auto on a used run.dir).
 
-    A continued run's config is read by run_folder.load_run: a backbone that its folder names as
-    code is imported only with trust_code.
+    With --resume the config is the folder's, read by run_folder.load_run: a backbone that it
+    names as code is imported only with trust_code.
     """
     if resume is not None:
         if config_file:
@@ -120,7 +120,8 @@ def load_run_config(config_file: Optional[str], overrides: list[str], resume: Op
         return config, run_dir
     config = load_config(config_file, overrides)
     if config.run.resume == "auto" and holds_run(Path(config.run.dir)):
-        load_run(config.run.dir, trust_code=trust_code)  # the folder's own config names its code
+        # The backbone is the one this config names (the user's choice): a folder that names
+        # another is refused by the resume's config check, before anything is built.
         return config, Path(config.run.dir)
     return config, None
 

@@ -8,6 +8,7 @@ accelerator.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -73,7 +74,7 @@ def build_split(data, split: str, normalized: bool = True) -> FewShotSplit:
             raise
         from .download import prepare
 
-        prepare(data.name, data.root)
+        prepare(data.name, data.root, partial(open_split, data.name))
         opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
     return configure(opened, data)
 
