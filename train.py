@@ -184,7 +184,8 @@ def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
           f"{len(learner.inner_names)} tensors adapt in the inner loop, "
           f"mask: {config.inner.mask}{' (generator)' if learner.generator is not None else ''}")
     print(f"data: {config.data.name}, {config.data.num_ways}-way {config.data.num_shots}-shot, "
-          f"{config.data.num_query} queries per class")
+          f"{config.data.num_query} queries per class"
+          + (f" ({config.data.test_query} in test tasks)" if config.data.test_query != config.data.num_query else ""))
     try:
         with StopSignal() as stop:
             state = fit(exp, run_dir, log, should_stop=stop)

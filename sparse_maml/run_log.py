@@ -36,7 +36,7 @@ RESUMABLE_CHANGES = frozenset({
     "outer.max_bad_steps", "outer.implementation", "outer.compile_mode",
     "outer.checkpoint_inner_steps",
     "train.epochs", "train.val_every", "train.val_from_epoch", "train.validate_early",
-    "train.num_test_tasks",
+    "train.num_test_tasks", "data.num_test_query",
     "train.eval_batch_size", "train.test_after_training",
     "cross_domain.tieredimagenet", "cross_domain.cub", "cross_domain.cars",
 })

@@ -123,6 +123,9 @@ class TrainState:
     epoch_accuracies: list[float] = field(default_factory=list)
     epoch_skipped: int = 0
     epoch_seconds: float = 0.0  # wall-clock seconds spent in the epoch before the last checkpoint
+    # Meta-batches done when the outer optimizers' state was last cleared (outer.reset_optimizer_every):
+    # a reset is due once per reset point, whichever side of it a checkpoint was written.
+    optimizer_reset_step: int = 0
 
 
 @dataclass
@@ -163,7 +166,7 @@ def check_memory(config: Config, channels: int, image_size: int, device: torch.d
     each kept once; a real step needs several times more, so only a hopeless size is refused.
     """
     d = config.data
-    per_task = d.num_ways * (d.num_shots + d.num_query)
+    per_task = d.num_ways * (d.num_shots + max(d.num_query, d.test_query))
     tasks = max(config.outer.meta_batch_size, config.train.eval_batch_size)
     needed = tasks * per_task * (channels + 2 * config.model.widths[0]) * image_size ** 2 * 4
     available = device_memory(device)
@@ -197,6 +200,18 @@ def build_experiment(config: Config, device: Optional[torch.device] = None) -> E
                                       device=device),
         val_episodes=build_episodes(config.data, val_split, EVAL_SEED, augment=False, device=device),
     )
+
+
+def reset_optimizers_if_due(exp: Experiment) -> bool:
+    """Clear the outer optimizers' state (as if they were built anew) before meta-batch
+    state.step when outer.reset_optimizer_every divides it; True if they were cleared."""
+    every, state = exp.config.outer.reset_optimizer_every, exp.state
+    if not every or state.step == 0 or state.step % every or state.optimizer_reset_step == state.step:
+        return False
+    for opt in _optimizers(exp):
+        opt.state.clear()  # Adam and SGD create each parameter's state afresh when it is empty
+    state.optimizer_reset_step = state.step
+    return True
 
 
 def outer_step(exp: Experiment, batch) -> tuple[float, float, bool]:
@@ -612,6 +627,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
             set_rng_states(exp.pending_rng)
             exp.pending_rng = None
         for batch in batches:
+            reset_optimizers_if_due(exp)
             loss, acc, applied = guarded_step(exp, batch.to(exp.device, non_blocking=True))
             report_compilation(learner, bar)
             state.step += 1
