@@ -220,8 +220,10 @@ def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
           f"{sum(p.numel() for p in learner.theta_parameters()):,} weights, "
           f"{len(learner.inner_names)} tensors adapt in the inner loop, "
           f"mask: {config.inner.mask}{' (generator)' if learner.generator is not None else ''}")
-    print(f"data: {config.data.name}, {config.data.num_ways}-way {config.data.num_shots}-shot, "
-          f"{config.data.num_query} queries per class")
+    d = config.data
+    test_query = f" ({d.test_query} in test tasks)" if d.test_query != d.num_query else ""
+    print(f"data: {d.name}, {d.num_ways}-way {d.num_shots}-shot, {d.num_query} queries per class"
+          f"{test_query}")
     try:
         with StopSignal() as stop:
             state = fit(exp, run_dir, log, should_stop=stop)
