@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from sparse_maml.cli import train
-from sparse_maml.config import load_config, to_dict
+from sparse_maml.config import flatten, load_config, to_dict
+from sparse_maml.results import method_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -42,8 +43,7 @@ def cell_of(stem: str) -> tuple[str, str, int, str]:
 
 def method_from_config(cfg) -> str:
     """The method as utils/collect_results.py derives it from inner.* (the table's rule)."""
-    import collect_results as collect
-    return collect.method_of(collect.flatten(to_dict(cfg)))
+    return method_of(flatten(to_dict(cfg)))
 
 
 def test_the_table_is_complete():

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import collect_results
 import plot_sparsity
 from helpers import TINY
+from sparse_maml import results
 from sparse_maml.config import load_config
 from test_scripts import COLLECT, ENV, LAUNCHER, PLOT, ROOT, fabricate, table_lines
 
@@ -58,7 +58,7 @@ def test_a_broken_line_inside_the_file_is_a_clear_error(tmp_path):
 
 
 def test_records_of_test_py_count_unless_they_change_the_experiment(tmp_path):
-    collect = collect_results
+    collect = results
     folder = fabricate(tmp_path / "runs", "a", "sparse_maml_conv4_5shot", tests=[
         {"accuracy": 0.65, "ci95": 0.008},  # train.py: 600 tasks
         {"accuracy": 0.70, "ci95": 0.03, "num_tasks": 100, "overrides": ["train.num_test_tasks=100"]},
@@ -98,7 +98,7 @@ def test_records_of_test_py_count_unless_they_change_the_experiment(tmp_path):
 def test_sweep_never_merges_runs_that_differ_in_another_key(tmp_path):
     """inner.steps swept over runs of two step sizes: two series, not one pooled line."""
     plot = plot_sparsity
-    collect = collect_results
+    collect = results
     runs = tmp_path / "runs"
     for steps in (5, 35):
         for alpha in (0.1, 0.25):
@@ -129,7 +129,7 @@ def test_sweep_figure_of_tiny_runs_shows_each_runs_95_interval(tmp_path, monkeyp
     run's 95% interval; the two lines differ in dash and marker (greyscale print)."""
     import train
 
-    plot, collect = plot_sparsity, collect_results
+    plot, collect = plot_sparsity, results
     for method, extra in (("sparse_maml", []), ("maml", ["inner.mask=none"])):
         for steps in (1, 2):
             train.main(load_config(ROOT / "configs" / "demo.yaml", [
@@ -240,7 +240,7 @@ def test_finn_loss_scale_gives_the_configs_alpha_and_clamp():
 
 def test_sparsity_views_conv_weights_blocks_and_all(tmp_path):
     plot = plot_sparsity
-    collect = collect_results
+    collect = results
     folder = fabricate(tmp_path / "runs", "a", "sparse_maml_conv4_5shot")
     (run,) = collect.find_runs([str(folder)])
     train = [r for r in run.records if r["kind"] == "train"]
