@@ -157,7 +157,7 @@ class Learner:
     def episodes(self, split: str = "test") -> EpisodeDataset:
         """The fixed tasks test.py scores: episodes(split)[i] is task i, ready for adapt."""
         return build_episodes(self.config.data, self.dataset(split), EVAL_SEED, augment=False,
-                              device=self.device)
+                              device=self.device, num_query=self.config.data.test_query)
 
     # -- adaptation --------------------------------------------------------------------------
 

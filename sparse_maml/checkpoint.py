@@ -175,6 +175,10 @@ class TrainState:
     epoch_accuracies: list[float] = field(default_factory=list)
     epoch_skipped: int = 0
     epoch_seconds: float = 0.0  # wall-clock seconds spent in the epoch before the last checkpoint
+    # Meta-batches done when the outer optimizers' state was last cleared
+    # (outer.reset_optimizer_every): one reset per reset point, whichever side of it a checkpoint
+    # was written.
+    optimizer_reset_step: int = 0
 
 
 def _train_state(saved: Any, path: Path, batches_per_epoch: int) -> TrainState:

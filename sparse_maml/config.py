@@ -120,7 +120,12 @@ class DataConfig:
     num_shots: int = 1
     """Support images per class (K)."""
     num_query: int = 15
-    """Query images per class."""
+    """Query images per class of training and validation episodes."""
+    num_test_query: int = schedule(0)
+    """Query images per class of the episodes test.py and the end-of-training test score
+    (0: data.num_query). Finn et al.'s MiniImageNet test draws K, the shot count (cbfinn/maml
+    main.py:249), and validates with 15 as it trains; with batch-statistics BatchNorm the number
+    changes the predictions, not only the interval."""
     augment: bool = False
     """Train-split augmentation: random crop with padding, colour jitter, horizontal flip."""
     omniglot_rotations: bool = False
@@ -132,6 +137,11 @@ class DataConfig:
     on_device: bool = housekeeping(False)
     """Hold each split as one uint8 tensor on the run's device and build episodes there (same
     episodes as the default path; MiniImageNet train needs about 0.8 GB of device memory)."""
+
+    @property
+    def test_query(self) -> int:
+        """Query images per class of test episodes: num_test_query, or num_query if it is 0."""
+        return self.num_test_query or self.num_query
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,11 @@ class OuterConfig:
     checkpoint_inner_steps: bool = housekeeping(False)
     """Second-order runs: recompute each inner step's activations in the outer backward pass
     instead of keeping them (memory of one step instead of `inner.steps`, about 1.5x the time)."""
+    reset_optimizer_every: int = 0
+    """Clear the state of the outer optimizers (Adam's moments and step count, SGD's momentum)
+    before every this many meta-batches (0: never, the reference). BOIL builds a new Adam every
+    100 meta-batches: its main() creates the optimizer (HJ-Yoo/BOIL main.py:44-49) and is called
+    once per --train-batches=100 meta-batches (main.py:179, main.py:146)."""
     max_bad_steps: int = housekeeping(10)
     """Stop the run (after checkpointing the last good state) when this many consecutive meta-batches
     have a non-finite outer loss, gradient or update; each such update is skipped (or rolled back)
@@ -264,7 +279,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Reading YAML. A config may come from someone else (a received run folder), so the reader is
 # bounded and strict: no aliases (500 bytes of nested aliases expand to 10^8 strings), no nesting
-# deeper than MAX_DEPTH, no file over MAX_BYTES, no key given twice, no key that is not a name, and
+# deeper than MAX_DEPTH, no file over MAX_BYTES, no key given twice, and
 # YAML 1.2's numbers and booleans instead of YAML 1.1's surprises (`1:30` is 90, `010` is 8, `no`
 # is false): those stay text, which the schema then refuses, naming the key.
 
@@ -281,8 +296,8 @@ def shorten(value: Any) -> str:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader without aliases, deep nesting, repeated or non-name keys, or YAML 1.1's
-    implicit sexagesimal, octal and yes/no values."""
+    """yaml.SafeLoader without aliases, deep nesting, repeated keys, keys other than names and
+    numbers, or YAML 1.1's implicit sexagesimal, octal and yes/no values."""
 
     depth = 0
 
@@ -303,9 +318,10 @@ class StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, str):
+            if not isinstance(key, (str, int)) or isinstance(key, bool):  # (a config: names only)
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {shorten(key)} is not a name", key_node.start_mark)
+                    None, None, f"key {shorten(key)} is not a name or a number",
+                    key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark)
@@ -604,7 +620,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:<index>, got {r.device!r}")
     _validate_run(r)
     for key, value in {"train.val_from_epoch": t.val_from_epoch,
-                       "data.synthetic_seed": d.synthetic_seed}.items():
+                       "data.synthetic_seed": d.synthetic_seed,
+                       "data.num_test_query": d.num_test_query,
+                       "outer.reset_optimizer_every": o.reset_optimizer_every}.items():
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value}")
     _validate_arch(m.arch)

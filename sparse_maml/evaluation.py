@@ -81,10 +81,11 @@ def evaluate_split(learner: MetaLearner, config: Config, data_split: FewShotSpli
                    device: torch.device, num_tasks: Optional[int] = None,
                    steps: Optional[int] = None) -> np.ndarray:
     """Accuracies on the fixed tasks of `data_split` (default: train.num_test_tasks tasks,
-    inner.eval_steps steps), as test.py scores them."""
+    inner.eval_steps steps, data.test_query query images per class), as test.py scores them."""
     # Reseeded here so sparse-MAML+'s per-task noise is the same whoever calls (test.py, the API).
     seed_everything(config.run.seed, config.run.deterministic)
-    episodes = build_episodes(config.data, data_split, EVAL_SEED, augment=False, device=device)
+    episodes = build_episodes(config.data, data_split, EVAL_SEED, augment=False, device=device,
+                              num_query=config.data.test_query)
     return evaluate(learner, episodes,
                     config.train.num_test_tasks if num_tasks is None else num_tasks,
                     config.train.eval_batch_size,

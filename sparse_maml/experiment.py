@@ -76,7 +76,7 @@ def check_memory(config: Config, channels: int, image_size: int, device: torch.d
     each kept once; a real step needs several times more, so only a hopeless size is refused.
     """
     d = config.data
-    per_task = d.num_ways * (d.num_shots + d.num_query)
+    per_task = d.num_ways * (d.num_shots + max(d.num_query, d.test_query))
     tasks = max(config.outer.meta_batch_size, config.train.eval_batch_size)
     needed = tasks * per_task * (channels + 2 * config.model.widths[0]) * image_size ** 2 * 4
     available = device_memory(device)

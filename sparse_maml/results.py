@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .config import (HOUSEKEEPING, REPLICATE, SCHEDULE, SEED_POOLED, ConfigError, flatten,
+from .config import (HOUSEKEEPING, REPLICATE, SEED_POOLED, ConfigError, flatten,
                      keys_with_role, parse_yaml, to_dict)
 from .run_folder import CONFIG, METRICS, read_config, read_metrics
 
@@ -28,10 +28,10 @@ METHOD_LABELS = {
 }
 ARCH_LABELS = {"conv4": "Conv4", "resnet12": "ResNet-12"}
 PROTOCOL_NONE = "(none)"  # the label of runs whose run.protocol is empty
-# Test-time overrides (test.py) that keep a test record comparable: where the data lives, how many
-# test tasks are drawn and adapted together, and how the run executes; data.name names the dataset
-# the record is about (a cross-domain row).
-SAME_EXPERIMENT = keys_with_role(SCHEDULE, HOUSEKEEPING, REPLICATE) | {"data.name"}
+# Test-time overrides (test.py) that keep a test record comparable: where the data lives, how the
+# run executes, how many test tasks are drawn; data.name names the dataset the record is about (a
+# cross-domain row).
+SAME_EXPERIMENT = keys_with_role(HOUSEKEEPING, REPLICATE) | {"data.name", "train.num_test_tasks"}
 
 
 def warn(message: str) -> None:

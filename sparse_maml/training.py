@@ -49,6 +49,18 @@ class TrainingDiverged(RuntimeError):
         self.checkpoint_path = checkpoint_path
 
 
+def reset_optimizers_if_due(exp: Experiment) -> bool:
+    """Clear the outer optimizers' state (as if they were built anew) before meta-batch
+    state.step when outer.reset_optimizer_every divides it; True if they were cleared."""
+    every, state = exp.config.outer.reset_optimizer_every, exp.state
+    if not every or state.step == 0 or state.step % every or state.optimizer_reset_step == state.step:
+        return False
+    for opt in exp.optimizers:
+        opt.state.clear()  # Adam and SGD create each parameter's state afresh when it is empty
+    state.optimizer_reset_step = state.step
+    return True
+
+
 def outer_step(exp: Experiment, batch) -> tuple[float, float, bool]:
     """One meta-update on a batch of tasks; returns (outer loss, mean query accuracy, applied).
 
@@ -262,6 +274,7 @@ def fit(exp: Experiment, run_dir: Path, log: RunLog, report: Report = print,
         batches = iter(train_batches(exp, state.step, bpe - done))
         exp.apply_pending_rng()
         for batch in batches:
+            reset_optimizers_if_due(exp)
             announce_compilation(learner, bar, "inner-step and query graphs", announced)
             loss, acc, problem = guarded_step(exp, batch.to(exp.device, non_blocking=True))
             report_compilation(learner, bar)

@@ -24,6 +24,8 @@ BAD_CONFIGS = [
     (["data.num_shots=0"], "data.num_shots: must be at least 1"),
     (["data.num_query=0"], "data.num_query: must be at least 1"),
     (["data.num_workers=-1"], "data.num_workers must not be negative"),
+    (["data.num_test_query=-1"], "data.num_test_query: must not be negative"),
+    (["outer.reset_optimizer_every=-100"], "outer.reset_optimizer_every: must not be negative"),
     (["data.image_size=8"], "data.image_size: model.arch=conv4 needs at least 16 pixels"),
     (["data.name=imagenet"], "data.name: 'imagenet' is not allowed"),
     (["model.arch=vgg"], "model.arch: 'vgg' is not allowed"),

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from sparse_maml.cli import train
-from sparse_maml.config import load_config, to_dict
+from sparse_maml.config import flatten, load_config, to_dict
+from sparse_maml.results import method_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -42,8 +43,7 @@ def cell_of(stem: str) -> tuple[str, str, int, str]:
 
 def method_from_config(cfg) -> str:
     """The method as utils/collect_results.py derives it from inner.* (the table's rule)."""
-    import collect_results as collect
-    return collect.method_of(collect.flatten(to_dict(cfg)))
+    return method_of(flatten(to_dict(cfg)))
 
 
 def test_the_table_is_complete():
@@ -131,6 +131,43 @@ def test_reference_hyper_parameters():
             assert cfg.inner.mask_init == "constant"
 
 
+SOURCE_CONFIGS = sorted(CONFIGS.glob("*_protocol.yaml"))
+# A value's comment names a line of a source file (main.py:249, run_resnet.sh@d7c492e2:60-61), the
+# notebook BOIL's numbers come from, or says that it is an assumption or no setting of the source.
+SOURCE_CITATION = re.compile(r"[\w/]+\.(py|sh|md)(@\w+)?:\d+|analysis\.ipynb|assumption|not a source setting")
+
+
+@pytest.mark.parametrize("path", SOURCE_CONFIGS, ids=lambda p: p.stem)
+def test_every_source_protocol_value_names_its_source(path):
+    """Each `key: value` line of a *_protocol.yaml carries a comment citing where the value comes
+    from, and every field the file sets is on such a line."""
+    body = path.read_text().split("\nrun:", 1)[1]
+    values = [line for line in ("run:" + body).splitlines()
+              if line.startswith("  ") and not line.lstrip().startswith("#")]
+    assert values
+    for line in values:
+        assert SOURCE_CITATION.search(line.partition("#")[2]), f"{path.name}: {line.strip()}"
+    assert len(values) == sum(len(section) for section in yaml.safe_load(path.read_text()).values())
+
+
+def test_source_protocol_schedules_test_episodes_and_optimizer_resets():
+    """BOIL's rows re-create Adam every 100 meta-batches, test 5 x 1000 tasks, and its ResNet-12 rows
+    stop at the 10,000-meta-batch checkpoint its notebook tests (Conv4: 30,000); Finn's and Raghu's
+    rows test with K query images per class and never reset the optimizer."""
+    for path in SOURCE_CONFIGS:
+        cfg = load_config(path)
+        total = cfg.train.epochs * cfg.train.batches_per_epoch
+        if cfg.run.protocol == "boil2021":
+            assert cfg.outer.reset_optimizer_every == 100, path.stem
+            assert total == (10_000 if cfg.model.arch == "resnet12" else 30_000), path.stem
+            assert (cfg.train.num_test_tasks, cfg.data.test_query) == (5000, 15), path.stem
+        else:
+            assert cfg.outer.reset_optimizer_every == 0 and total == 60_000, path.stem
+            assert cfg.data.num_test_query == cfg.data.num_shots, path.stem
+            assert cfg.data.num_query == 15 and cfg.train.num_test_tasks == 600, path.stem
+        assert cfg.train.val_from_epoch > cfg.train.epochs, path.stem  # the final weights are tested
+
+
 # Table 1 of von Oswald et al. 2021 (MiniImageNet 5-way, %): (shots, arch) -> MAML, ANIL, BOIL,
 # sparse-MAML, sparse-ReLU-MAML; None where the paper has no number.
 PAPER_TABLE = {
@@ -154,6 +191,8 @@ def test_paper_results_file_matches_the_paper_table():
                 assert (entry["protocol"] == "reference") == method.startswith("sparse")
     relu = PAPER["sparse_relu_maml"]["conv4"]
     assert (relu[5]["earlier"]["value"], relu[1]["earlier"]["value"]) == (64.84, 50.39)
+    boil = PAPER["boil"]["conv4"]  # BOIL's README re-run beside the paper's numbers
+    assert (boil[1]["rerun"]["value"], boil[5]["rerun"]["value"]) == (49.65, 65.32)
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)

@@ -10,6 +10,7 @@ import sys
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,8 @@ def _use_archive(monkeypatch, urls, md5):
 
 
 def _prepare(root, **kwargs):
-    return dl.prepare("miniimagenet", root, progress=False, backoff=0.0, **kwargs)
+    return dl.prepare("miniimagenet", root, partial(open_split, "miniimagenet"), progress=False,
+                      backoff=0.0, **kwargs)
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -226,7 +228,8 @@ def test_config_download_true_prepares_on_first_use(tmp_path, data_server, data_
     data_server.files["/mini.tar.gz"] = data_archive
     _use_archive(monkeypatch, [data_server.url + "/mini.tar.gz"], hashlib.md5(data_archive).hexdigest())
     real = dl.prepare  # the same preparation, without backoff sleeps or progress bars
-    monkeypatch.setattr(dl, "prepare", lambda name, root: real(name, root, progress=False, backoff=0.0))
+    monkeypatch.setattr(dl, "prepare", lambda name, root, open_split:
+                        real(name, root, open_split, progress=False, backoff=0.0))
     cfg = DataConfig(name="miniimagenet", root=str(tmp_path / "mini"), download=True)
     assert build_split(cfg, "test").num_classes == 5
     assert dl.marker_path(tmp_path / "mini", "miniimagenet").is_file()

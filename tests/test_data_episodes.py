@@ -7,10 +7,13 @@ import dataclasses
 import pytest
 import torch
 
+from helpers import tiny_config
+from sparse_maml import evaluation
 from sparse_maml.config import DataConfig
 from sparse_maml.data import (DeviceEpisodeDataset, EpisodeDataset, build_episodes, build_split,
                               episode_loader)
 from fixtures import make_miniimagenet, write_miniimagenet
+from sparse_maml.experiment import build_experiment
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +108,18 @@ def test_hdf5_files_reopen_in_worker_processes(tmp_path):
     serial = _batches(episode_loader(episodes, 0, 4, 2, num_workers=0))
     parallel = _batches(episode_loader(episodes, 0, 4, 2, num_workers=2))
     assert all(_same(a, b) for a, b in zip(serial, parallel))
+
+
+def test_test_tasks_take_data_num_test_query_and_validation_keeps_num_query(monkeypatch):
+    """data.num_test_query=1 (Finn et al.'s 1-shot test: K queries per class) reaches the episodes
+    test.py scores; training and validation episodes keep data.num_query; 0 means num_query."""
+    config = tiny_config("data.num_ways=2", "data.num_query=3", "data.num_test_query=1",
+                         "run.device=cpu")
+    exp = build_experiment(config)
+    assert exp.val_episodes[0].query_x.shape[0] == exp.train_episodes[0].query_x.shape[0] == 2 * 3
+    scored = []
+    monkeypatch.setattr(evaluation, "evaluate",
+                        lambda learner, episodes, *args, **kwargs: scored.append(episodes) or [1.0])
+    evaluation.evaluate_split(exp.learner, config, build_split(config.data, "test"), exp.device)
+    assert scored[0][0].query_x.shape[0] == 2 * 1 and scored[0][0].support_x.shape[0] == 2 * 1
+    assert dataclasses.replace(config.data, num_test_query=0).test_query == 3

@@ -138,14 +138,18 @@ def _nowhere_written(tmp):
     assert not (tmp / "elsewhere").exists(), "evaluation created the dataset folder"
 
 
-def _alias_bomb(tmp, run):
-    run = copy(run, tmp)
+def alias_bomb() -> str:
+    """Under 500 bytes of YAML that would expand to 10^9 strings."""
     lines = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
     for k in range(1, 9):
         lines.append(f"{'abcdefghij'[k]}: &{'abcdefghij'[k]} [" + ",".join(
             [f"*{'abcdefghij'[k - 1]}"] * 10) + "]")
-    lines.append("run: {name: *i}")
-    (run / "config.yaml").write_text("\n".join(lines) + "\n")
+    return "\n".join([*lines, "run: {name: *i}"]) + "\n"
+
+
+def _alias_bomb(tmp, run):
+    run = copy(run, tmp)
+    (run / "config.yaml").write_text(alias_bomb())
     return [str(run)]
 
 
@@ -190,7 +194,8 @@ CASES = [
     Case("a key given twice", _config_text("run: {seed: 1}\nrun: {seed: 2}\n"), 1,
          "'run' is given twice"),
     Case("a key that is not a name", _config_text("run: {1: x, seed: 1}\n"), 1,
-         "key 1 is not a name"),
+         "run: key 1 is not a name"),
+    Case("a list as a key", _config_text("run: {[1]: x}\n"), 1, "key [1] is not a name or a number"),
     Case("sexagesimal epochs", _config_text("train: {epochs: 1:30}\n"), 1,
          "train.epochs: expected int, got '1:30'"),
     Case("octal-looking steps", _config_text("inner: {steps: 010}\n"), 1,
@@ -364,3 +369,39 @@ def test_a_run_moved_without_its_training_data_is_tested_and_loaded(tmp_path, ca
     learner = Learner.load(moved)
     assert learner.inputs["statistics_key"] and len(learner.inputs["mean"]) == 3
     assert not (root / "train").exists()
+
+
+def test_collect_results_goes_on_past_a_damaged_run_and_spares_the_users_files(finished_run,
+                                                                               tmp_path, capsys):
+    import collect_results
+
+    runs = tmp_path / "runs"
+    good, bomb = (Path(shutil.copytree(finished_run, runs / name)) for name in "ab")
+    (bomb / "config.yaml").write_text(alias_bomb())
+    (runs / "results.md").write_text("my own notes\n")
+    assert collect_results.main([str(runs)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bomb}: left out" in err and "aliases" in err
+    assert "results.md exists and was not written by collect_results.py" in err
+    assert (runs / "results.md").read_text() == "my own notes\n"
+    out = tmp_path / "table"
+    assert collect_results.main([str(runs), "--out", str(out)]) == 0
+    assert (out / "results.md").read_text().startswith(collect_results.MARK)
+    assert str(good) in (out / "results.csv").read_text()
+    assert collect_results.main([str(runs), "--out", str(out)]) == 0  # its own files: replaced
+
+
+def test_resume_refuses_train_images_that_changed(tmp_path, capsys):
+    """The normalisation statistics a run trained with are keyed on the train images' content:
+    after an image is replaced by another of the same size, a resume is refused by name."""
+    from fixtures import make_miniimagenet, write_miniimagenet
+
+    root = write_miniimagenet(tmp_path / "data", "folder", make_miniimagenet((3, 2, 2), 3, 20))
+    run = tmp_path / "run"
+    assert train.cli([*TINY, "data.name=folder", f"data.root={root}", "data.image_size=16",
+                      f"run.dir={run}"]) == 0
+    first, second = sorted((root / "train").rglob("*.jpg"))[:2]
+    first.write_bytes(second.read_bytes())
+    capsys.readouterr()
+    assert train.cli(["--resume", str(run), "train.epochs=2"]) == 1
+    assert "not those the run was normalised with" in capsys.readouterr().err

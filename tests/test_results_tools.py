@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import collect_results
 import plot_sparsity
+from helpers import TINY
+from sparse_maml import results
+from sparse_maml.config import load_config
 from test_scripts import COLLECT, ENV, LAUNCHER, PLOT, ROOT, fabricate, table_lines
 
 
@@ -56,7 +58,7 @@ def test_a_broken_line_inside_the_file_is_a_clear_error(tmp_path):
 
 
 def test_records_of_test_py_count_unless_they_change_the_experiment(tmp_path):
-    collect = collect_results
+    collect = results
     folder = fabricate(tmp_path / "runs", "a", "sparse_maml_conv4_5shot", tests=[
         {"accuracy": 0.65, "ci95": 0.008},  # train.py: 600 tasks
         {"accuracy": 0.70, "ci95": 0.03, "num_tasks": 100, "overrides": ["train.num_test_tasks=100"]},
@@ -96,7 +98,7 @@ def test_records_of_test_py_count_unless_they_change_the_experiment(tmp_path):
 def test_sweep_never_merges_runs_that_differ_in_another_key(tmp_path):
     """inner.steps swept over runs of two step sizes: two series, not one pooled line."""
     plot = plot_sparsity
-    collect = collect_results
+    collect = results
     runs = tmp_path / "runs"
     for steps in (5, 35):
         for alpha in (0.1, 0.25):
@@ -119,6 +121,53 @@ def test_sweep_never_merges_runs_that_differ_in_another_key(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "2 runs pooled as seeds [0, 1]" in result.stderr
     assert (tmp_path / "figs" / "sweep_inner_steps.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_sweep_figure_of_tiny_runs_shows_each_runs_95_interval(tmp_path, monkeypatch):
+    """An inner.steps sweep of tiny real sparse-MAML and MAML runs, laid out as the documented
+    recipe lays them out: one line per method, each point at its run's test accuracy with that
+    run's 95% interval; the two lines differ in dash and marker (greyscale print)."""
+    import train
+
+    plot, collect = plot_sparsity, results
+    for method, extra in (("sparse_maml", []), ("maml", ["inner.mask=none"])):
+        for steps in (1, 2):
+            train.main(load_config(ROOT / "configs" / "demo.yaml", [
+                *TINY, "model.widths=[2,2,2,2]", "data.num_ways=2", "data.num_query=3",
+                "outer.meta_batch_size=1", "inner.eval_steps=1", "train.epochs=1",
+                "train.batches_per_epoch=2", "train.num_val_tasks=2", "train.num_test_tasks=4",
+                "train.eval_batch_size=4", "run.device=cpu", *extra,
+                f"inner.steps={steps}", f"run.dir={tmp_path / 'runs' / method / f'demo-steps-{steps}'}"]))
+    drawn = []
+    original = plot.plt.Axes.errorbar
+
+    def spy(self, x, y, yerr=None, **kwargs):
+        drawn.append((kwargs["label"], list(x), list(y), list(yerr), kwargs["ls"], kwargs["marker"]))
+        return original(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(plot.plt.Axes, "errorbar", spy)
+    runs = collect.find_runs([str(tmp_path / "runs")])
+    assert plot.plot_sweep(runs, "inner.steps", tmp_path / "sweep", ("png",)) == [tmp_path / "sweep.png"]
+    expected = {}
+    for run in runs:
+        r = run.test_results()["synthetic"]
+        expected.setdefault(collect.label(collect.method_of(run.cfg)), {})[run.cfg["inner.steps"]] = (
+            100 * r["accuracy"], 100 * r["ci95"])
+    assert sorted(d[0] for d in drawn) == ["MAML, Conv4, 1-shot", "sparse-MAML, Conv4, 1-shot"]
+    for name, xs, ys, errs, _, _ in drawn:
+        method = name.split(",")[0]
+        assert xs == [1.0, 2.0]
+        assert list(zip(ys, errs)) == [pytest.approx(expected[method][x]) for x in (1, 2)]
+        assert all(e > 0 for e in errs)  # 4 test tasks of 6 query images: the accuracies vary
+    assert drawn[0][4] != drawn[1][4] and drawn[0][5] != drawn[1][5]  # dash and marker differ
+
+
+def test_sweep_point_pooling_seeds_is_the_student_t_interval():
+    """Two seeds at 60% and 62%: mean 61, half-width t(0.975, 1) * std / sqrt(2) = 12.706."""
+    plot = plot_sparsity
+    mean, half = plot.point_interval([(60.0, 1.0), (62.0, 1.0)])
+    assert mean == pytest.approx(61.0) and half == pytest.approx(12.7062, abs=1e-4)
+    assert plot.point_interval([(60.0, 0.8)]) == (60.0, 0.8)  # one run: its interval over tasks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +248,7 @@ def test_finn_loss_scale_gives_the_configs_alpha_and_clamp():
 
 def test_sparsity_views_conv_weights_blocks_and_all(tmp_path):
     plot = plot_sparsity
-    collect = collect_results
+    collect = results
     folder = fabricate(tmp_path / "runs", "a", "sparse_maml_conv4_5shot")
     (run,) = collect.find_runs([str(folder)])
     train = [r for r in run.records if r["kind"] == "train"]

@@ -281,3 +281,33 @@ def test_resume_refuses_model_changes_listing_each(tmp_path):
     assert "inner.mask: 'binary_ste' -> 'relu'" in message
     assert "train.epochs" not in message.split("keys that may change")[0]
     assert load_config(run_dir / "config.yaml").train.epochs == 1  # nothing was rewritten
+
+
+@pytest.mark.parametrize("stop_step", [3, 5], ids=["at-the-reset-point", "after-it"])
+def test_resume_across_an_optimizer_reset_is_exact(tmp_path, stop_step):
+    """outer.reset_optimizer_every=3 clears Adam before meta-batches 3 and 6 of 8: a run stopped
+    at the reset point (checkpoint written before the reset) or after it, then resumed, equals the
+    uninterrupted run; the reset happened (Adam's step count restarted) and changed the run."""
+    import train
+
+    reset = ("outer.reset_optimizer_every=3", "train.val_every=1")
+    reference = train.main(_tiny_config(tmp_path / "reference", *reset))
+    adam = checkpoint.load(checkpoint.list_checkpoints(reference)[-1][1])["theta_optimizer"]["state"]
+    assert {int(s["step"]) for s in adam.values()} == {8 - 6}  # steps since the last reset
+    no_reset = train.main(_tiny_config(tmp_path / "no_reset", "train.val_every=1"))
+    assert any(not torch.equal(a, b) for a, b in zip(final_weights(reference).values(),
+                                                     final_weights(no_reset).values()))
+
+    cut = tmp_path / "cut"
+    config = _tiny_config(cut, *reset)
+    exp = build_experiment(config)
+    make_run_dir(config, cut)
+    log = RunLog(cut, tensorboard=False)
+    with pytest.raises(TrainingStopped):
+        fit(exp, cut, log, should_stop=lambda: exp.state.step == stop_step)
+    log.close()
+    saved = checkpoint.load(checkpoint.list_checkpoints(cut)[-1][1])
+    assert saved["state"]["step"] == stop_step
+    assert saved["state"]["optimizer_reset_step"] == (0 if stop_step == 3 else 3)
+    train.main(*train.load_run_config(None, [], str(cut)))
+    assert_same_run(reference, cut)

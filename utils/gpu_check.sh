@@ -15,6 +15,9 @@ set -euo pipefail
 part=all
 if [[ "${1:-}" == tests || "${1:-}" == benchmark ]]; then part=$1; shift; fi
 cd "$(dirname "$0")/.."
+# The checkout's package, also where `pip install -r requirements.txt` has not been run (a GPU
+# machine with its own torch).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python - <<'PY'
 import torch
 if not torch.cuda.is_available():

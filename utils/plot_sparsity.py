@@ -3,7 +3,7 @@
     python utils/plot_sparsity.py runs/sparse_maml_conv4_5shot          # figures of one run
     python utils/plot_sparsity.py runs/a runs/b --out figures/ --format png,svg
     python utils/plot_sparsity.py runs/x --layers all                   # every masked tensor
-    python utils/plot_sparsity.py --sweep runs/*-step_size-* --key inner.step_size
+    python utils/plot_sparsity.py --sweep runs/robustness --key inner.step_size   # runs below it
 
 Per run (into the run folder, or --out), each in every --format (default png,pdf):
 - sparsity_over_training: mask sparsity per epoch, with the mean over all masked entries.
@@ -18,8 +18,10 @@ one utils/collect_results.py counts (see its docstring); records left out are re
 
 --sweep: test accuracy against a config key (inner.step_size, inner.steps, ...) for runs that
 differ in that key, one line per method/architecture/shots/protocol and per setting of any other
-key that differs (named in the legend, never merged), mean ± 95% CI (one seed) or ± std over seeds:
-the paper's claim that sparse-MAML is robust to the inner step size and step count.
+key that differs (named in the legend, never merged), with 95% intervals: over the test tasks
+(one seed) or over the seeds (Student t, two or more): the paper's claim that sparse-MAML is
+robust to the inner step size and step count. Lines differ in dash and marker as well as colour
+(readable in greyscale), and are shifted sideways a little so that their intervals do not overlap.
 Written as sweep_<key>.<format> into --out (default: the common parent folder of the runs).
 """
 
@@ -36,13 +38,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.transforms import ScaledTranslation  # noqa: E402
+from scipy import stats  # noqa: E402
 
 import torch  # noqa: E402
 
 from sparse_maml.config import SEED_POOLED, is_custom_arch  # noqa: E402
 from sparse_maml.models import build_model, conv_weight_names  # noqa: E402
-from sparse_maml.results import (ARCH_LABELS, Run, default_out, find_runs, label,  # noqa: E402
-                                 method_of, report_left_out, warn)
+from sparse_maml.results import (ARCH_LABELS, PROTOCOL_NONE, Run, default_out, find_runs,  # noqa: E402
+                                 label, method_of, report_left_out, warn)
 
 FORMATS = ("png", "pdf", "svg")
 LAYER_VIEWS = ("conv", "blocks", "all")
@@ -57,6 +61,13 @@ def line_style(i: int) -> dict:
     """Colour, dash and marker of line i: no two of the first 40 lines look alike."""
     return {"color": COLOURS[i % len(COLOURS)], "ls": DASHES[(i // len(COLOURS)) % len(DASHES)],
             "marker": MARKERS[i % len(MARKERS)]}
+
+
+def sweep_style(i: int) -> dict:
+    """Line i of a sweep figure: dash and marker change with every line (greyscale print keeps
+    the first four apart by dash alone, the first eight by marker), colour as well."""
+    return {"color": COLOURS[i % len(COLOURS)], "ls": DASHES[i % len(DASHES)],
+            "marker": MARKERS[i % len(MARKERS)], "mfc": "white" if i % 2 else None}
 
 
 def save(fig, stem: Path, formats: tuple[str, ...]) -> list[Path]:
@@ -270,7 +281,7 @@ def sweep_points(runs: list[Run], key: str) -> dict[str, dict[float, list[tuple[
         c = groups[group][0].cfg
         name = (f"{label(method_of(c))}, {ARCH_LABELS.get(c['model.arch'], c['model.arch'])}, "
                 f"{c['data.num_shots']}-shot")
-        if group[1] not in ("reference",):
+        if group[1] not in ("reference", PROTOCOL_NONE):
             name += f" ({group[1]})"
         by_name.setdefault(name, []).append(group)
     series: dict[str, dict[float, list[tuple[float, float]]]] = {}
@@ -293,34 +304,51 @@ def sweep_points(runs: list[Run], key: str) -> dict[str, dict[float, list[tuple[
                     seeds = sorted(run.cfg["run.seed"] for run in groups[group]
                                    if float(run.cfg[key]) == value)
                     warn(f"sweep point {full}, {key}={value:g}: {len(found)} runs pooled as seeds "
-                         f"{seeds} (mean ± std)")
+                         f"{seeds} (mean ± 95% interval over the seeds)")
     return series
+
+
+def point_interval(found: list[tuple[float, float]]) -> tuple[float, float]:
+    """(mean, 95% half-width) of one sweep point: one run's interval over its test tasks, or
+    the Student-t interval of the mean over the seeds' accuracies."""
+    accs = [a for a, _ in found]
+    if len(accs) == 1:
+        return accs[0], found[0][1]
+    return (statistics.fmean(accs),
+            stats.t.ppf(0.975, len(accs) - 1) * statistics.stdev(accs) / math.sqrt(len(accs)))
 
 
 def plot_sweep(runs: list[Run], key: str, stem: Path,
                formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
-    """Test accuracy against the swept key, one line per series (see sweep_points)."""
+    """Test accuracy against the swept key, one line per series (see sweep_points), with 95%
+    intervals (see point_interval)."""
     series = sweep_points(runs, key)
     if not series:
         raise ValueError("no run of the sweep has a test result")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     shown: list[float] = []
+    seeds = False
     for i, (name, points) in enumerate(sorted(series.items())):
         xs = sorted(points)
-        ys, errs = [], []
-        for x in xs:
-            accs = [a for a, _ in points[x]]
-            ys.append(statistics.fmean(accs))
-            errs.append(points[x][0][1] if len(accs) == 1 else statistics.stdev(accs))
+        ys, errs = zip(*(point_interval(points[x]) for x in xs))
+        seeds |= any(len(points[x]) > 1 for x in xs)
         shown += [y - e for y, e in zip(ys, errs)] + [y + e for y, e in zip(ys, errs)]
-        ax.errorbar(xs, ys, yerr=errs, capsize=3, label=name, **line_style(i))
+        # Shifted sideways by a few points (on a log axis as well) so intervals stay apart.
+        shift = ScaledTranslation((i - (len(series) - 1) / 2) * 4 / 72, 0, fig.dpi_scale_trans)
+        ax.errorbar(xs, ys, yerr=errs, capsize=3, lw=1.6, ms=6, label=name,
+                    transform=ax.transData + shift, **sweep_style(i))
     values = sorted({x for p in series.values() for x in p})
     if len(values) > 2 and values[0] > 0 and values[-1] / values[0] >= 10:
         ax.set_xscale("log")
+        ax.set_xlim(values[0] / 1.3, values[-1] * 1.3)
+    else:  # set here: shifted lines would otherwise stretch the autoscaled axis
+        pad = 0.08 * (values[-1] - values[0]) or 0.5 * max(abs(values[0]), 1.0)
+        ax.set_xlim(values[0] - pad, values[-1] + pad)
     ax.set_xticks(values, [f"{v:g}" for v in values])
     ax.minorticks_off()  # log-scale minor labels would overprint the swept values
+    over = "test tasks (one run) or seeds" if seeds else "test tasks"
     ax.set(xlabel=key, ylabel="test accuracy (%)", ylim=fitted_limits(shown),
-           title=f"Test accuracy against {key}\n(bars: 95% CI over tasks, or std over seeds)")
+           title=f"Test accuracy against {key}\n(bars: 95% interval over {over})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, stem, formats)

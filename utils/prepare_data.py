@@ -13,6 +13,7 @@ archives' checksums is written last. See docs/datasets.md.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import json
 import sys
 from pathlib import Path
@@ -32,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     try:
-        marker = prepare(args.dataset, args.root, args.from_archive, progress=not args.no_progress,
-                         retries=args.retries)
+        marker = prepare(args.dataset, args.root, partial(open_split, args.dataset),
+                         args.from_archive, progress=not args.no_progress, retries=args.retries)
         for split in ("train", "val", "test"):
             print(open_split(args.dataset, args.root, split).describe())
     except DataError as err:

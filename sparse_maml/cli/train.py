@@ -110,8 +110,8 @@ def load_run_config(config_file: Optional[str], overrides: list[str], resume: Op
                     trust_code: bool = False) -> tuple[Config, Optional[Path]]:
     """The config, and the run folder to continue (--resume, or run.resume=auto on a used run.dir).
 
-    A continued run's config is read by run_folder.load_run: a backbone that its folder names as
-    code is imported only with trust_code.
+    With --resume the config is the folder's, read by run_folder.load_run: a backbone that it
+    names as code is imported only with trust_code.
     """
     if resume is not None:
         if config_file:
@@ -124,7 +124,8 @@ def load_run_config(config_file: Optional[str], overrides: list[str], resume: Op
         return config, run_dir
     config = load_config(config_file, overrides)
     if config.run.resume == "auto" and holds_run(Path(config.run.dir)):
-        load_run(config.run.dir, trust_code=trust_code)  # the folder's own config names its code
+        # The backbone is the one this config names (the user's choice): a folder that names
+        # another is refused by the resume's config check, before anything is built.
         return config, Path(config.run.dir)
     return config, None
 
@@ -227,8 +228,10 @@ def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
           f"{sum(p.numel() for p in learner.theta_parameters()):,} weights, "
           f"{len(learner.inner_names)} tensors adapt in the inner loop, "
           f"mask: {config.inner.mask}{' (generator)' if learner.generator is not None else ''}")
-    print(f"data: {config.data.name}, {config.data.num_ways}-way {config.data.num_shots}-shot, "
-          f"{config.data.num_query} queries per class")
+    d = config.data
+    test_query = f" ({d.test_query} in test tasks)" if d.test_query != d.num_query else ""
+    print(f"data: {d.name}, {d.num_ways}-way {d.num_shots}-shot, {d.num_query} queries per class"
+          f"{test_query}")
     try:
         with StopSignal() as stop:
             state = fit(exp, run_dir, log, should_stop=stop)

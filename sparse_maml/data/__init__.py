@@ -8,6 +8,7 @@ accelerator.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -73,7 +74,7 @@ def build_split(data, split: str, normalized: bool = True) -> FewShotSplit:
             raise
         from .download import prepare
 
-        prepare(data.name, data.root)
+        prepare(data.name, data.root, partial(open_split, data.name))
         opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
     return configure(opened, data)
 
@@ -121,18 +122,21 @@ def default_device() -> torch.device:
 
 
 def build_episodes(data, split: FewShotSplit, seed: int, augment: bool,
-                   device: Optional[torch.device | str] = None) -> EpisodeDataset:
-    """Episodes of `split` as configured by a DataConfig.
+                   device: Optional[torch.device | str] = None,
+                   num_query: Optional[int] = None) -> EpisodeDataset:
+    """Episodes of `split` as configured by a DataConfig (`num_query` query images per class
+    instead of data.num_query if given: test episodes may have their own, data.test_query).
 
     With `data.on_device` the split is copied once into a uint8 tensor on `device` (default: the
     accelerator if any) and episodes are gathered there; the episodes are the same either way.
     """
     size = data.image_size or split.native_size
+    query = data.num_query if num_query is None else num_query
     transform = EpisodeTransform(size, split.channels, split.normalize, augment, split.mean, split.std)
     if getattr(data, "on_device", False):
-        return DeviceEpisodeDataset(split, data.num_ways, data.num_shots, data.num_query, seed,
+        return DeviceEpisodeDataset(split, data.num_ways, data.num_shots, query, seed,
                                     transform, device if device is not None else default_device())
-    return EpisodeDataset(split, data.num_ways, data.num_shots, data.num_query, seed, transform)
+    return EpisodeDataset(split, data.num_ways, data.num_shots, query, seed, transform)
 
 
 __all__ = ["DATASETS", "BadImages", "DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan",

@@ -394,21 +394,17 @@ def _opens(root: Path, open_split: Callable[[Path, str], FewShotSplit]) -> bool:
     return True
 
 
-def prepare(dataset: str, root: str | Path, from_archive: Sequence[str | Path] = (),
-            open_split: Optional[Callable[[Path, str], FewShotSplit]] = None,
-            progress: bool = True, retries: int = 4, backoff: float = 2.0) -> Path:
+def prepare(dataset: str, root: str | Path, open_split: Callable[[Path, str], FewShotSplit],
+            from_archive: Sequence[str | Path] = (), progress: bool = True, retries: int = 4,
+            backoff: float = 2.0) -> Path:
     """Fetch (or take `from_archive`), verify, extract and convert `dataset` into `root`.
 
-    `open_split(folder, split)` opens a split of the dataset from a folder (the package's own
-    readers by default). Returns the marker file. Safe to rerun: a prepared root is left alone.
+    `open_split(folder, split)` opens a split of the dataset from a folder (the caller passes the
+    package's readers: this module imports nothing from the package above it). Returns the marker
+    file. Safe to rerun: a prepared root is left alone.
     """
     if dataset not in ARCHIVES:
         raise DataError(f"no preparation known for {dataset!r}; choose one of {', '.join(ARCHIVES)}")
-    if open_split is None:
-        from . import open_split as default_open
-
-        def open_split(folder: Path, split: str) -> FewShotSplit:
-            return default_open(dataset, folder, split)
 
     root = Path(root)
     if root.exists() and not root.is_dir():
