@@ -37,6 +37,7 @@ from typing import Optional
 
 import yaml
 
+from sparse_maml.config import parse_yaml
 from sparse_maml import results
 from sparse_maml.results import (ARCH_LABELS, PROTOCOL_NONE, Run, default_out, find_runs, label,
                                  report_left_out, warn)
@@ -58,15 +59,9 @@ class Published:
     earlier: Optional["Published"] = None  # an earlier published version of the same number
 
 
-def read_paper_file(path: Path) -> dict:
-    """The repository's own table of published numbers. Not the strict reader of received
-    configs, which refuses keys that are not names: this file's shot counts are integer keys."""
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
 def load_paper(path: Path = PAPER_FILE) -> dict[tuple[str, str, int], Published]:
     """(method, arch, shots) -> the published number (MiniImageNet, 5-way, %)."""
-    tree = read_paper_file(path)
+    tree = parse_yaml(path.read_text(encoding="utf-8"))
     found = {}
     for method, archs in tree["accuracy"].items():
         for arch, shots in archs.items():
@@ -87,7 +82,7 @@ def load_paper(path: Path = PAPER_FILE) -> dict[tuple[str, str, int], Published]
 
 def load_protocol_names(path: Path = PAPER_FILE) -> dict[str, str]:
     """Protocol label -> its readable name (configs/paper_results.yaml, `protocols`)."""
-    tree = read_paper_file(path)
+    tree = parse_yaml(path.read_text(encoding="utf-8"))
     return {k: v["name"] for k, v in (tree.get("protocols") or {}).items()}
 
 
