@@ -127,7 +127,7 @@ def test_sweep_figure_of_tiny_runs_shows_each_runs_95_interval(tmp_path, monkeyp
     """An inner.steps sweep of tiny real sparse-MAML and MAML runs, laid out as the documented
     recipe lays them out: one line per method, each point at its run's test accuracy with that
     run's 95% interval; the two lines differ in dash and marker (greyscale print)."""
-    import train
+    from sparse_maml.cli import train
 
     plot, collect = plot_sparsity, results
     for method, extra in (("sparse_maml", []), ("maml", ["inner.mask=none"])):

@@ -223,7 +223,9 @@ def test_collect_results_prints_the_expected_table(fabricated, tmp_path):
     assert "99.00" not in result.stdout
     # The paper-style grid: ours (paper) per setting and method.
     assert "| 5-shot, Conv4 |" in result.stdout and "65.00 ± 0.80 (67.03)" in result.stdout
-    assert (tmp_path / "out" / "results.md").read_text().strip() in result.stdout
+    written = (tmp_path / "out" / "results.md").read_text()
+    assert written.startswith("<!-- written by utils/collect_results.py -->\n\n")  # its mark
+    assert written.split("\n\n", 1)[1].strip() in result.stdout
     with open(tmp_path / "out" / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == 7
