@@ -212,7 +212,7 @@ def _edited_config(ws):
 
 
 def _huge_image(ws):
-    return [*TINY, "data.image_size=300000", f"run.dir={ws.root / 'run'}"]
+    return [*TINY, "data.image_size=4096", "outer.meta_batch_size=256", f"run.dir={ws.root / 'run'}"]
 
 
 def _no_cuda(ws):
@@ -331,7 +331,9 @@ ROWS = [
     Row("second writer (other host)", _locked_elsewhere, 1, "on host other-host"),
     Row("stale lock", _stale_lock, 0, "taking over the lock", after=_lock_released),
     Row("config.yaml edited by hand", _edited_config, 1, "inner.step_size: 0.25 -> 0.5"),
-    Row("image size beyond memory", _huge_image, 1, "data.image_size: 300,000 is beyond"),
+    Row("image size beyond memory", _huge_image, 1, "data.image_size=4096"),
+    Row("image size beyond any use", lambda ws: [*TINY, "data.image_size=300000"], 1,
+        "data.image_size: 300,000 is beyond any usable value"),
     Row("run.device=cuda without a GPU", _no_cuda, 1, "CUDA is not available"),
     Row("outer.lr=1e-3 as written", _lr_as_written, 0, "test accuracy"),
     Row("optimizer overflow outer.lr=1e300", _lr_overflow, 4, "outer.max_bad_steps=2",

@@ -155,20 +155,30 @@ def test_sparse_maml_plus_shapes_its_generator_from_the_backbone_or_refuses(back
 
 
 @pytest.mark.parametrize("arch, message", [
+    (":Net", "expected module:Class"),
+    ("vgg", "model.arch: 'vgg' is not allowed; choose one of 'conv4', 'resnet12' or a backbone of"),
+])
+def test_refused_at_config_load(backbones, monkeypatch, arch, message):
+    """The form of model.arch is checked when the config is read (nothing is imported then)."""
+    monkeypatch.chdir(backbones)
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(f"model.arch={arch}")
+
+
+@pytest.mark.parametrize("arch, message", [
     ("no_such_module:Net", r"importing no_such_module failed: ModuleNotFoundError.*PYTHONPATH"),
     ("missing.py:Net", r"file .*missing.py does not exist"),
     ("my_nets:Missing", "my_nets has no Missing"),
     ("my_nets:not_a_module", "not_a_module is not an nn.Module subclass"),
-    (":Net", "expected module:Class"),
-    ("vgg", "model.arch: 'vgg' is not allowed; choose one of 'conv4', 'resnet12' or a backbone of"),
 ])
-def test_refused_with_a_clear_message(backbones, monkeypatch, arch, message):
-    """A malformed name is refused when the config loads, code that cannot serve when the model
-    is built (loading a config imports nothing)."""
+def test_refused_when_the_model_is_built(backbones, monkeypatch, arch, message):
+    """The code is imported, and refused, when the model is built: before any run folder exists
+    (train.py builds the experiment first)."""
     monkeypatch.syspath_prepend(str(backbones))
     monkeypatch.chdir(backbones)
+    config = tiny_config(f"model.arch={arch}")
     with pytest.raises(ConfigError, match=message):
-        build_meta_learner(tiny_config(f"model.arch={arch}"), in_channels=1, image_size=16)
+        build_meta_learner(config, in_channels=1, image_size=16)
 
 
 @pytest.mark.parametrize("name, message", [

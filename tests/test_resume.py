@@ -164,10 +164,10 @@ def test_injected_nan_is_skipped_counted_then_stops_the_run(tmp_path, monkeypatc
 
     before_5 = {}
 
-    def poisoned(self, batch, steps, track_outer=True, **options):
+    def poisoned(self, batch, steps, track_outer=True, share=None):
         if track_outer and exp.state.step == 4:
             before_5.update(snapshot(exp))
-        loss, losses, accs = forward(self, batch, steps, track_outer, **options)
+        loss, losses, accs = forward(self, batch, steps, track_outer, share)
         if track_outer and exp.state.step + 1 in bad_steps:
             loss = loss * float("nan")
         return loss, losses, accs
@@ -288,7 +288,7 @@ def test_resume_across_an_optimizer_reset_is_exact(tmp_path, stop_step):
     """outer.reset_optimizer_every=3 clears Adam before meta-batches 3 and 6 of 8: a run stopped
     at the reset point (checkpoint written before the reset) or after it, then resumed, equals the
     uninterrupted run; the reset happened (Adam's step count restarted) and changed the run."""
-    import train
+    from sparse_maml.cli import train
 
     reset = ("outer.reset_optimizer_every=3", "train.val_every=1")
     reference = train.main(_tiny_config(tmp_path / "reference", *reset))

@@ -224,8 +224,8 @@ def test_collect_results_prints_the_expected_table(fabricated, tmp_path):
     # The paper-style grid: ours (paper) per setting and method.
     assert "| 5-shot, Conv4 |" in result.stdout and "65.00 ± 0.80 (67.03)" in result.stdout
     written = (tmp_path / "out" / "results.md").read_text()
-    assert written.startswith("<!-- written by utils/collect_results.py -->")  # the mark it checks
-    assert written.split("-->", 1)[1].strip() in result.stdout
+    assert written.startswith("<!-- written by utils/collect_results.py -->\n\n")  # its mark
+    assert written.split("\n\n", 1)[1].strip() in result.stdout
     with open(tmp_path / "out" / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == 7

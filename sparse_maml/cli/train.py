@@ -263,14 +263,16 @@ def cli(argv: list[str] | None = None) -> int:
             print("no -c CONFIG: running the built-in demo (synthetic glyphs)")
         try:
             main(cfg, resume_from)
-        except TrainingStopped as stopped:
-            launcher = ("torchrun [same options] train.py" if distributed.env_world_size() > 1
-                        else "python train.py")
-            print(f"{stopped}\nresume with: {launcher} --resume {stopped.checkpoint_path.parent}",
-                  flush=True)
+        except TrainingStopped as stopped:  # every process stops alike: rank 0 says so
+            if lead():
+                launcher = ("torchrun [same options] train.py" if distributed.env_world_size() > 1
+                            else "python train.py")
+                print(f"{stopped}\nresume with: {launcher} --resume "
+                      f"{stopped.checkpoint_path.parent}", flush=True)
             return EXIT_STOPPED
         except TrainingDiverged as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            if lead():
+                print(f"error: {err}", file=sys.stderr, flush=True)
             return EXIT_DIVERGED
         return 0
 
