@@ -42,8 +42,8 @@ try:
     from sparse_maml.jobs import (RowJob, jobs_folder, latest_jobs, record_jobs, row_state,
                                   run_dir_of)
 except ImportError as err:
-    sys.exit(f"slurm.py: {err}: install the requirements (pip install -r requirements.txt) and run "
-             "from the repository root with PYTHONPATH=. (or after pip install -e .)")
+    sys.exit(f"slurm.py: {err}: install the requirements (pip install -r requirements.txt)")
+from sweep import command_lines
 
 # The package's folder, put on the jobs' PYTHONPATH: the job process unpickles a RowJob.
 PACKAGE_ROOT = Path(sparse_maml.__file__).resolve().parents[1]
@@ -379,14 +379,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         add_executor_options(p)
     args = parser.parse_args(argv)
 
-    if args.files:
-        try:
-            lines = [line for name in args.files for line in Path(name).read_text().splitlines()]
-        except OSError as err:
-            print(f"slurm.py: {err}", file=sys.stderr)
-            return 1
-    else:
-        lines = sys.stdin.read().splitlines()
+    try:
+        lines = command_lines(args.files)
+    except OSError as err:
+        print(f"slurm.py: {err}", file=sys.stderr)
+        return 1
     try:
         options = options_from(args)
         minutes(options["time"])

@@ -34,6 +34,13 @@ from typing import Iterable, Optional
 EXIT_STOPPED = 3  # train.py: stopped at a checkpoint on a signal, resumable
 
 
+def command_lines(files: list[str]) -> list[str]:
+    """The lines of `files`, or of standard input when none is named (OSError names the file)."""
+    if files:
+        return [line for name in files for line in Path(name).read_text().splitlines()]
+    return sys.stdin.read().splitlines()
+
+
 def read_commands(lines: Iterable[str]) -> tuple[list[list[str]], list[str]]:
     """Non-empty, non-comment lines, split as a shell would; and one message per line that could
     not be split (an unclosed quote), which is left out."""
@@ -178,14 +185,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         slots = parse_slots(args.gpus, args.jobs)
     except ValueError as err:
         parser.error(str(err))
-    if args.files:
-        try:
-            lines = [line for name in args.files for line in Path(name).read_text().splitlines()]
-        except OSError as err:
-            print(f"sweep: {err}", file=sys.stderr)
-            return 1
-    else:
-        lines = sys.stdin.read().splitlines()
+    try:
+        lines = command_lines(args.files)
+    except OSError as err:
+        print(f"sweep: {err}", file=sys.stderr)
+        return 1
     commands, bad = read_commands(lines)
     for message in bad:
         print(f"sweep: {message}", file=sys.stderr)
