@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import pytest
 
 from sparse_maml.cli.train import cli as train_cli
 
