@@ -73,7 +73,8 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by save_atomic, after checking it is complete and intact."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} " + ("is a folder, not a checkpoint file"
+                                                       if path.is_dir() else "does not exist"))
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every record and checks its CRC32

@@ -358,7 +358,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     missing, empty, larger than MAX_BYTES, not UTF-8, or not a mapping that StrictLoader accepts."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} " + ("is a folder: name a YAML file in it"
+                                                     if path.is_dir() else "does not exist"))
     try:
         if path.stat().st_size > MAX_BYTES:
             raise ConfigError(f"config file {path} is larger than {MAX_BYTES:,} bytes: not a config")
