@@ -140,15 +140,6 @@ class CompiledGraph:
         return out
 
 
-class Graphs:
-    """The three compiled functions for one device type (their options depend on it)."""
-
-    def __init__(self, mode: str, device_type: str, events: list[tuple[str, float]]):
-        self.inner_step = CompiledGraph(inner_step, mode, device_type, events)
-        self.query_pass = CompiledGraph(query_pass, mode, device_type, events)
-        self.query_logits = CompiledGraph(query_logits, mode, device_type, events)
-
-
 @dataclass
 class TaskPass:
     """What one task's compiled pass returns: query loss and logits and, for an outer gradient,
@@ -170,7 +161,8 @@ class CompiledAdaptation:
         self.mode = mode
         self.cuda_graphs = mode == "reduce-overhead"
         self.compile_events: list[tuple[str, float]] = []
-        self._graphs: dict[str, Graphs] = {}
+        # the compiled functions per device type (their options depend on it), by name
+        self._graphs: dict[str, dict[str, CompiledGraph]] = {}
         # call signatures (shapes, dtype, device, steps > 0, track_outer) already run: a new one
         # runs its first task alone, so that concurrent tasks never compile the same graph twice
         self._seen: set[tuple] = set()
@@ -233,9 +225,11 @@ class CompiledAdaptation:
                                           *weights))
         return torch.stack(losses), torch.stack(logits)
 
-    def _graphs_for(self, device_type: str) -> Graphs:
+    def _graphs_for(self, device_type: str) -> dict[str, CompiledGraph]:
         if device_type not in self._graphs:
-            self._graphs[device_type] = Graphs(self.mode, device_type, self.compile_events)
+            self._graphs[device_type] = {
+                fn.__name__: CompiledGraph(fn, self.mode, device_type, self.compile_events)
+                for fn in (inner_step, query_pass, query_logits)}
         return self._graphs[device_type]
 
     def _run_tasks(self, run: Callable[[int], TaskPass], tasks: int, device: torch.device,
@@ -258,22 +252,22 @@ class CompiledAdaptation:
         return first + [future.result() for future in rest]
 
     @torch.no_grad()
-    def _task_pass(self, graphs: Graphs, model: nn.Module, frozen: Params, theta: Params,
+    def _task_pass(self, graphs: dict[str, CompiledGraph], model: nn.Module, frozen: Params, theta: Params,
                    masks: Params, rule: UpdateRule, support_x: torch.Tensor,
                    support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
                    steps: int, track_outer: bool) -> TaskPass:
         """One task through the compiled graphs: inner steps, then the query (no autograd)."""
 
         def step(fast: Params) -> tuple[Params, Params]:
-            new, grads = graphs.inner_step(model, frozen, fast, masks, support_x, support_y, rule)
+            new, grads = graphs["inner_step"](model, frozen, fast, masks, support_x, support_y, rule)
             return self._kept(new), self._kept(grads)
 
         start = {n: rule.initial(p, masks.get(n)) for n, p in theta.items()}
         fast, summed, trajectory = run_trajectory(
             step, start, steps, keep_steps=track_outer and not rule.linear_in_gradient)
         if not track_outer:
-            logits = self._kept(graphs.query_logits(model, {**frozen, **fast}, query_x))
+            logits = self._kept(graphs["query_logits"](model, {**frozen, **fast}, query_x))
             return TaskPass(F.cross_entropy(logits, query_y), logits)
-        query_grads, loss, logits = graphs.query_pass(model, {**frozen, **fast}, query_x, query_y)
+        query_grads, loss, logits = graphs["query_pass"](model, {**frozen, **fast}, query_x, query_y)
         query_grads, loss, logits = map(self._kept, (query_grads, loss, logits))
         return TaskPass(loss, logits, query_grads, summed, trajectory)

@@ -32,13 +32,9 @@ def inner_parameter_names(model: nn.Module, adapt: str, adapt_batchnorm: bool,
         shortcut = getattr(module, "shortcut", None)
         if not adapt_shortcut and isinstance(shortcut, nn.Module):
             excluded |= {f"{prefix}shortcut.{n}" for n, _ in shortcut.named_parameters()}
-    names = []
-    for name, _ in model.named_parameters():
-        in_head = name in head
-        wanted = {"all": True, "head": in_head, "body": not in_head}[adapt]
-        if wanted and name not in excluded:
-            names.append(name)
-    return names
+    wanted = {"all": lambda name: True, "head": head.__contains__,
+              "body": lambda name: name not in head}[adapt]
+    return [name for name, _ in model.named_parameters() if wanted(name) and name not in excluded]
 
 
 @dataclass(frozen=True)
@@ -138,12 +134,8 @@ def adapt_batched(model: nn.Module, params: Params, inner_names: list[str], shar
 
     `shared_masks` apply to every task; `task_masks` carry a leading task dimension (sparse-MAML+).
     Returns adapted weights with a leading task dimension for the inner parameters (the others are
-    returned as they are, shared).
-
-    First-order with a rule linear in g: the inner gradients carry no graph, so the adapted weights
-    are theta - alpha*m*sum_t g_t. The trajectory runs without autograd, summing g_t, and the outer
-    graph is one update from theta with the summed gradient: the same outer gradients as the step
-    by step chain, with one elementwise op per tensor instead of `steps`.
+    returned as they are, shared). First-order runs build the outer graph in closed form
+    (first_order_adapted).
     """
     tasks = x.shape[0]
     frozen = {n: p for n, p in params.items() if n not in inner_names}
@@ -164,10 +156,7 @@ def adapt_batched(model: nn.Module, params: Params, inner_names: list[str], shar
             for j in range(tasks)]
         return {**frozen, **{n: torch.stack([f[n] for f in per_task]) for n in inner_names}}
 
-    def support_loss(inner: Params, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(model, {**frozen, **inner}, xs, ys)
-
-    one_task_grad = grad(support_loss)
+    one_task_grad = grad(lambda inner, xs, ys: cross_entropy(model, {**frozen, **inner}, xs, ys))
 
     def task_grad(inner: Params, xs: torch.Tensor, ys: torch.Tensor) -> Params:
         """Support-loss gradients of every task; every argument carries the task dimension."""

@@ -109,12 +109,11 @@ class MetaLearner(nn.Module):
         measured on one fresh draw, or on `masks` (from current_masks) when given.
         """
         values = self.current_masks() if masks is None else masks
-        names = list(values)
-        if not names:
+        if not values:
             return {}
-        result = {n: sparsity(values[n]) for n in names}
-        total = sum(values[n].numel() for n in names)
-        result["mean"] = sum(result[n] * values[n].numel() for n in names) / total
+        result = {n: sparsity(m) for n, m in values.items()}
+        total = sum(m.numel() for m in values.values())
+        result["mean"] = sum(result[n] * m.numel() for n, m in values.items()) / total
         return result
 
     # -- the outer loss --------------------------------------------------------------------
