@@ -4,19 +4,16 @@
     python utils/prepare_data.py cars --root data/cars \
         --from-archive ~/car_ims.tgz --from-archive ~/cars_annos.mat
 
-Downloads resume from a `.part` file and retry with backoff; checksums are verified where pinned.
-Nothing is moved into --root until the dataset is complete, only the entries the dataset needs are
-moved, and nothing already in --root is replaced; a marker `.prepared-<dataset>.json` with the
-archives' checksums is written last. See docs/datasets.md.
+How downloads resume, what is checked and what is moved into --root: sparse_maml/data/download.py
+and docs/datasets.md.
 """
 
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import json
 import sys
-from pathlib import Path
+from functools import partial
 
 from sparse_maml.data import DataError, open_split
 from sparse_maml.data.download import ARCHIVES, prepare
@@ -29,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-archive", action="append", default=[], metavar="PATH",
                         help="an archive you already have (or a folder holding the archives); "
                              "repeat for datasets made of several files")
-    parser.add_argument("--retries", type=int, default=4, help="retries per mirror (backoff 2s, 4s, ...)")
+    parser.add_argument("--retries", type=int, default=4,
+                        help="retries per mirror (backoff 2s, 4s, ...)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     try:
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a folder that cannot be created or written, a full disk
         print(f"error: {err.strerror or err}: {err.filename or args.root}", file=sys.stderr)
         return 1
-    record = json.loads(Path(marker).read_text())
+    record = json.loads(marker.read_text())
     if record.get("found"):
         print(f"{args.dataset}: {record['found']}")
     for archive in record["archives"]:

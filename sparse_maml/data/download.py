@@ -1,16 +1,14 @@
 """Fetching, verifying, extracting and preparing datasets (utils/prepare_data.py, data.download).
 
-The flow for `prepare(dataset, root)`:
-1. each archive comes from `--from-archive` or is downloaded into `root/.downloads/` (resumed with
-   HTTP Range from a `.part` file, retried with exponential backoff, tried mirror by mirror);
-2. its md5/sha256 is checked where one is pinned (a mismatch deletes the file and says so);
-3. it is extracted into a temporary folder inside root, converted to the fastest form the loader
-   reads (MiniImageNet/tieredImageNet: memory-mapped `{split}_images.npy`), and only then are the
-   entries the readers need (DATASET_ENTRIES) moved into root; the rest of the archive is deleted
-   with the temporary folder. An entry already in root is never replaced unless an earlier,
-   interrupted preparation of the same dataset put it there (recorded in `.preparing-<dataset>.json`
-   before anything moves); the marker `.prepared-<dataset>.json` (with the checksums) is written
-   last. A failure removes the temporary folder, so nothing half-written looks like a dataset.
+`prepare(dataset, root)`: each archive comes from `--from-archive` or is downloaded into
+`root/.downloads/` (resumed with HTTP Range from a `.part` file, retried with exponential backoff,
+mirror by mirror) and checked against its pinned md5/sha256 (a mismatch deletes the file). It is
+extracted into a temporary folder inside root and converted to the fastest form the loader reads
+(MiniImageNet/tieredImageNet: memory-mapped `{split}_images.npy`); only then are the entries the
+readers need (DATASET_ENTRIES) moved into root. An entry already in root is never replaced unless
+an interrupted preparation of the same dataset put it there (`.preparing-<dataset>.json`, written
+before anything moves); the marker `.prepared-<dataset>.json` (with the checksums) is written
+last. A failure removes the temporary folder, so nothing half-written looks like a dataset.
 """
 
 from __future__ import annotations
@@ -32,15 +30,14 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..files import atomic_write
 from .base import MAX_EXPANSION, DataError, FewShotSplit
 
 CHUNK = 1 << 20
 USER_AGENT = "sparse_maml-prepare/1.0"
-
-
-def gdrive(file_id: str) -> str:
-    """Direct-download URL of a public Google Drive file (skips the virus-scan page)."""
-    return f"https://drive.usercontent.google.com/download?id={file_id}&export=download&confirm=t"
+SPLITS = ("train", "val", "test")
+# A public Google Drive file's direct-download URL (confirm=t skips the virus-scan page).
+GDRIVE = "https://drive.usercontent.google.com/download?id={}&export=download&confirm=t"
 
 
 @dataclass(frozen=True)
@@ -57,30 +54,26 @@ class Archive:
 # Checksums are pinned only where they are published and known; for the others the computed
 # checksum is recorded in the marker file so later copies can be compared.
 ARCHIVES: dict[str, list[Archive]] = {
-    "miniimagenet": [Archive(
-        "mini-imagenet.tar.gz",
-        (gdrive("16V_ZlkW4SsnNDtnGmaBRq2OoPmUOc5mY"),  # torchmeta's copy (renmengye/few-shot-ssl)
-         gdrive("1LLUjwSUpWGSWizl3JZxd08V30_dIaRBx")),  # learn2learn's copy
-        md5="b38f1eb4251fb9459ecc8e7febf9b2eb")],
-    "tieredimagenet": [Archive(
-        "tiered-imagenet.tar",
-        (gdrive("1g1aIDy2Ar_MViF2gDXFYDBTR-HYecV07"),))],  # renmengye/few-shot-ssl; md5 not pinned
-    "cub": [Archive(
-        "CUB_200_2011.tgz",
-        ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",),
-        md5="97eceeb196236b17998738112f37df78")],
+    # Mirrors: torchmeta's copy (renmengye/few-shot-ssl), then learn2learn's.
+    "miniimagenet": [Archive("mini-imagenet.tar.gz",
+                             (GDRIVE.format("16V_ZlkW4SsnNDtnGmaBRq2OoPmUOc5mY"),
+                              GDRIVE.format("1LLUjwSUpWGSWizl3JZxd08V30_dIaRBx")),
+                             md5="b38f1eb4251fb9459ecc8e7febf9b2eb")],
+    # renmengye/few-shot-ssl's copy; md5 not pinned.
+    "tieredimagenet": [Archive("tiered-imagenet.tar",
+                               (GDRIVE.format("1g1aIDy2Ar_MViF2gDXFYDBTR-HYecV07"),))],
+    "cub": [Archive("CUB_200_2011.tgz",
+                    ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+                     "?download=1",), md5="97eceeb196236b17998738112f37df78")],
     # Stanford's links (ai.stanford.edu/~jkrause/car196/) are gone: --from-archive only.
     "cars": [Archive(name, manual=f"Stanford Cars has no download link any more (the Stanford URL "
                                   f"answers 404): get {name} from a copy you trust and pass "
                                   "--from-archive PATH (see docs/datasets.md)")
              for name in ("car_ims.tgz", "cars_annos.mat")],
-    "omniglot": [
-        Archive("images_background.zip",
-                ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
-                 "images_background.zip",), md5="68d2efa1b9178cc56df9314c21c6e718"),
-        Archive("images_evaluation.zip",
-                ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
-                 "images_evaluation.zip",), md5="6b91aef0f799c5bb55b94e3f2daec811")],
+    "omniglot": [Archive(f"{name}.zip", ("https://raw.githubusercontent.com/brendenlake/omniglot/"
+                                         f"master/python/{name}.zip",), md5=md5)
+                 for name, md5 in (("images_background", "68d2efa1b9178cc56df9314c21c6e718"),
+                                   ("images_evaluation", "6b91aef0f799c5bb55b94e3f2daec811"))],
 }
 
 # Datasets converted to the memory-mapped npy form after extraction (their images share one size).
@@ -101,19 +94,19 @@ def marker_path(root: Path, dataset: str) -> Path:
     return Path(root) / f".prepared-{dataset}.json"
 
 
-def file_digests(path: Path) -> dict[str, str]:
-    """md5 and sha256 of a file, read in chunks."""
+def progress_path(root: Path, dataset: str) -> Path:
+    """The record of the entries a preparation of `dataset` is moving into `root`."""
+    return Path(root) / f".preparing-{dataset}.json"
+
+
+def verify(path: Path, archive: Archive) -> dict[str, str]:
+    """Check `path` against the pinned checksum(s) of `archive`; return its md5 and sha256."""
     md5, sha = hashlib.md5(), hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
             md5.update(block)
             sha.update(block)
-    return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
-
-
-def verify(path: Path, archive: Archive) -> dict[str, str]:
-    """Check `path` against the pinned checksum(s) of `archive`; return the computed digests."""
-    digests = file_digests(path)
+    digests = {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
     for kind in ("md5", "sha256"):
         expected = getattr(archive, kind)
         if expected and digests[kind] != expected.lower():
@@ -122,15 +115,10 @@ def verify(path: Path, archive: Archive) -> dict[str, str]:
     return digests
 
 
-def _progress(total: Optional[int], initial: int, name: str, enabled: bool):
+def fetch_url(url: str, dest: Path, timeout: float = 30.0, progress: bool = True) -> None:
+    """Download `url` to `dest`, resuming from `dest`.part (renamed only once complete)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name,
-                disable=not enabled, leave=False)
-
-
-def fetch_url(url: str, dest: Path, timeout: float = 30.0, progress: bool = True) -> None:
-    """Download `url` to `dest`, resuming from `dest`.part; the .part is renamed only when complete."""
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
@@ -152,7 +140,9 @@ def fetch_url(url: str, dest: Path, timeout: float = 30.0, progress: bool = True
                             "--from-archive")
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
-        with open(part, "ab" if have else "wb") as f, _progress(total, have, dest.name, progress) as bar:
+        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name,
+                   disable=not progress, leave=False)
+        with open(part, "ab" if have else "wb") as f, bar:
             for block in iter(lambda: response.read(CHUNK), b""):
                 f.write(block)
                 bar.update(len(block))
@@ -164,7 +154,7 @@ def fetch_url(url: str, dest: Path, timeout: float = 30.0, progress: bool = True
 
 def download(archive: Archive, folder: Path, retries: int = 4, backoff: float = 2.0,
              progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> Path:
-    """Fetch `archive` into `folder` from its mirrors, resuming and retrying; verify its checksum."""
+    """Fetch `archive` into `folder` mirror by mirror, resuming and retrying; verify it."""
     if not archive.urls and archive.manual:
         raise DataError(archive.manual)
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,14 +171,11 @@ def download(archive: Archive, folder: Path, retries: int = 4, backoff: float = 
             try:
                 fetch_url(url, dest, progress=progress)
                 break
-            except DataError:
-                raise
             except urllib.error.HTTPError as err:
                 errors.append(f"{url}: HTTP {err.code}")
                 if err.code in (403, 404, 410):  # permanent: next mirror
                     break
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
-                    OSError) as err:
+            except (http.client.HTTPException, OSError) as err:  # URLError, timeouts, resets
                 errors.append(f"{url}: {err}")
             if attempt < retries:
                 sleep(backoff * 2**attempt)
@@ -206,21 +193,18 @@ def download(archive: Archive, folder: Path, retries: int = 4, backoff: float = 
 
 def _match_local(archives: list[Archive], given: Sequence[Path]) -> dict[str, Path]:
     """Map archive file names to the user's files (a folder holding them, or the files)."""
-    found: dict[str, Path] = {}
+    names = [a.filename for a in archives]
     files: list[Path] = []
     for item in map(Path, given):
         if item.is_dir():
-            files += [item / a.filename for a in archives if (item / a.filename).exists()]
+            files += [item / name for name in names if (item / name).exists()]
         elif item.exists():
             files.append(item)
         else:
             raise DataError(f"--from-archive {item}: no such file or folder")
-    for archive in archives:
-        for f in files:
-            if f.name == archive.filename:
-                found[archive.filename] = f
+    found = {f.name: f for f in files if f.name in names}
     if len(archives) == 1 and not found and len(files) == 1:
-        found[archives[0].filename] = files[0]  # a renamed copy of the one archive
+        found[names[0]] = files[0]  # a renamed copy of the one archive
     return found
 
 
@@ -266,6 +250,17 @@ def extract(path: Path, dest: Path) -> None:
         raise DataError(f"archive {path} is corrupt or truncated ({err})") from err
 
 
+def _open_error(folder: Path, open_split: Callable[[Path, str], FewShotSplit]
+                ) -> Optional[DataError]:
+    """Why the three splits do not all open from `folder`; None when they do."""
+    try:
+        for split in SPLITS:
+            open_split(folder, split)
+    except DataError as err:
+        return err
+    return None
+
+
 def _find_dataset_root(tree: Path, dataset: str, open_split: Callable[[Path, str], FewShotSplit]
                        ) -> Path:
     """The folder under `tree` (depth <= 2) from which all three splits of `dataset` open."""
@@ -273,30 +268,36 @@ def _find_dataset_root(tree: Path, dataset: str, open_split: Callable[[Path, str
     for _ in range(2):
         level = [d for folder in level for d in sorted(folder.iterdir()) if d.is_dir()]
         candidates += level
-    last_error: Optional[DataError] = None
     for folder in candidates:
-        try:
-            for split in ("train", "val", "test"):
-                open_split(folder, split)
+        error = _open_error(folder, open_split)
+        if error is None:
             return folder
-        except DataError as err:
-            last_error = err
-    raise DataError(f"the archive does not hold a complete {dataset} dataset:\n{last_error}")
+    raise DataError(f"the archive does not hold a complete {dataset} dataset:\n{error}")
 
 
-def write_npy_split(split: FewShotSplit, out: Path, progress: bool) -> None:
-    """Write `split` in the prepared npy form (uint8 (N, 84, 84, C)), resizing odd-sized images."""
+def write_npy_split(split: FewShotSplit, out: Path, progress: bool, before: int,
+                    archives: list[Path]) -> int:
+    """Write `split` in the prepared npy form (uint8 (N, 84, 84, C)), resizing odd-sized images;
+    returns the bytes converted so far, `before` included. Refused first when over MAX_EXPANSION
+    times the archives: a small pickle can list one image a million times (84 x 84 x C bytes)."""
     from PIL import Image
     from tqdm import tqdm
 
     from .imagenet import write_npy
 
+    total = sum(split.class_size(c) for c in range(split.num_classes))
+    converted = before + total * NATIVE_SIZE**2 * split.channels
+    limit = MAX_EXPANSION * sum(max(p.stat().st_size, 1) for p in archives)
+    if converted > limit:
+        raise DataError(f"{', '.join(str(p) for p in archives)}: its {split.split} split lists "
+                        f"{total:,} images, {converted:,} bytes once converted with those before, "
+                        f"over {MAX_EXPANSION} times the archive's size; refused")
+
     def arrays():
         for label in tqdm(range(split.num_classes), desc=f"{split.name}/{split.split}",
                           disable=not progress, leave=False):
-            images = split.load_many(label, list(range(split.class_size(label))))
             rows = []
-            for im in images:
+            for im in split.load_many(label, list(range(split.class_size(label)))):
                 array = im.permute(1, 2, 0).numpy()  # (H, W, C)
                 if array.shape[:2] != (NATIVE_SIZE, NATIVE_SIZE):
                     mode = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
@@ -305,107 +306,47 @@ def write_npy_split(split: FewShotSplit, out: Path, progress: bool) -> None:
                 rows.append(array)
             yield np.stack(rows)
 
-    total = sum(split.class_size(c) for c in range(split.num_classes))
     names = [split.class_name(c) for c in range(split.num_classes)]
     write_npy(out, split.split, names, arrays(), total, (NATIVE_SIZE, NATIVE_SIZE, split.channels))
-
-
-def progress_path(root: Path, dataset: str) -> Path:
-    """The record of the entries a preparation of `dataset` is moving into `root`."""
-    return Path(root) / f".preparing-{dataset}.json"
-
-
-def _check_converted_size(split: FewShotSplit, before: int, archives: list[Path]) -> int:
-    """Bytes of the npy form so far, `split` included; refused when over MAX_EXPANSION times the
-    archives: a small pickle can list one image a million times, each 84 x 84 x C bytes on disk."""
-    images = sum(split.class_size(c) for c in range(split.num_classes))
-    converted = before + images * NATIVE_SIZE**2 * split.channels
-    limit = MAX_EXPANSION * sum(max(p.stat().st_size, 1) for p in archives)
-    if converted > limit:
-        raise DataError(f"{', '.join(str(p) for p in archives)}: its {split.split} split lists "
-                        f"{images:,} images, {converted:,} bytes once converted with those before, "
-                        f"over {MAX_EXPANSION} times the archive's size; refused")
     return converted
 
 
 def _move_into(src: Path, names: Sequence[str], root: Path, dataset: str) -> list[str]:
-    """Move the entries `names` of `src` (those present) into `root`; returns what was moved.
-
-    Nothing in root is replaced unless an interrupted preparation of `dataset` moved it there (its
-    record lists it): anything else is the user's, and the move is refused before it starts."""
+    """Move the entries `names` of `src` (those present) into `root`; returns what was moved. An
+    entry already in root that the record does not list is the user's: the move is refused."""
     record = progress_path(root, dataset)
-    ours: set[str] = set()
-    if record.is_file():
-        try:
-            ours = set(json.loads(record.read_text())["entries"])
-        except (OSError, ValueError, KeyError, TypeError):
-            ours = set()
-    entries = [src / name for name in names if (src / name).exists()]
-    for entry in entries:
-        target = root / entry.name
-        if (target.exists() or target.is_symlink()) and entry.name not in ours:
-            raise DataError(f"{target} is already there and was not written by preparing "
+    try:
+        ours = set(json.loads(record.read_text())["entries"])
+    except (OSError, ValueError, KeyError, TypeError):  # no record (or a broken one): none is ours
+        ours = set()
+    moved = [name for name in names if (src / name).exists()]
+    for name in moved:
+        if os.path.lexists(root / name) and name not in ours:
+            raise DataError(f"{root / name} is already there and was not written by preparing "
                             f"{dataset}; move it away or choose another --root (nothing was "
                             "changed)")
-    moved = [entry.name for entry in entries]
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps({"dataset": dataset, "entries": sorted(ours | set(moved))}))
-    os.replace(tmp, record)
+    atomic_write(record, lambda f: json.dump({"dataset": dataset,
+                                              "entries": sorted(ours | set(moved))}, f))
     # Index files (what makes an npy split visible) go last.
-    for entry in sorted(entries, key=lambda p: p.name.endswith("_index.json")):
-        target = root / entry.name
+    for name in sorted(moved, key=lambda name: name.endswith("_index.json")):
+        target = root / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)  # left by the interrupted preparation the record names
-        elif target.exists() or target.is_symlink():
+        elif os.path.lexists(target):
             target.unlink()
-        os.replace(entry, target)
+        os.replace(src / name, target)
     return moved
-
-
-def _collect(archives: list[Archive], local: dict[str, Path], from_archive: Sequence[str | Path],
-             dataset: str, root: Path, record: list[dict], paths: list[Path], retries: int,
-             backoff: float, progress: bool) -> None:
-    """Locate or download every archive of a dataset, verifying and recording its checksums."""
-    for archive in archives:
-        if archive.filename in local:
-            path = local[archive.filename]
-            digests = verify(path, archive)
-        elif from_archive:
-            raise DataError(f"--from-archive does not include {archive.filename} (needed for "
-                            f"{dataset}: {', '.join(a.filename for a in archives)})")
-        else:
-            path = download(archive, root / ".downloads", retries=retries, backoff=backoff,
-                            progress=progress)
-            digests = file_digests(path)
-        paths.append(path)
-        record.append({"file": archive.filename, "source": str(path),
-                       "pinned": bool(archive.md5 or archive.sha256), **digests})
-
-
-def _opens(root: Path, open_split: Callable[[Path, str], FewShotSplit]) -> bool:
-    """Whether all three splits already open from `root` (a dataset extracted there by hand)."""
-    if not root.is_dir():
-        return False
-    try:
-        for split in ("train", "val", "test"):
-            open_split(root, split)
-    except DataError:
-        return False
-    return True
 
 
 def prepare(dataset: str, root: str | Path, open_split: Callable[[Path, str], FewShotSplit],
             from_archive: Sequence[str | Path] = (), progress: bool = True, retries: int = 4,
             backoff: float = 2.0) -> Path:
-    """Fetch (or take `from_archive`), verify, extract and convert `dataset` into `root`.
-
-    `open_split(folder, split)` opens a split of the dataset from a folder (the caller passes the
-    package's readers: this module imports nothing from the package above it). Returns the marker
-    file. Safe to rerun: a prepared root is left alone.
-    """
+    """Fetch (or take `from_archive`), verify, extract and convert `dataset` into `root`; returns
+    the marker file, and leaves a prepared root alone. `open_split(folder, split)` opens a split
+    from a folder (the caller passes the package's readers: this module imports none of them)."""
     if dataset not in ARCHIVES:
-        raise DataError(f"no preparation known for {dataset!r}; choose one of {', '.join(ARCHIVES)}")
-
+        raise DataError(f"no preparation known for {dataset!r}; choose one of "
+                        f"{', '.join(ARCHIVES)}")
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DataError(f"--root {root} is a file, not a folder; name a folder to prepare "
@@ -413,52 +354,50 @@ def prepare(dataset: str, root: str | Path, open_split: Callable[[Path, str], Fe
     marker = marker_path(root, dataset)
     if marker.exists():
         return marker
-    if not from_archive and _opens(root, open_split):  # extracted there by hand: nothing to fetch
-        tmp_marker = marker.with_name(marker.name + ".tmp")
-        tmp_marker.write_text(json.dumps({"dataset": dataset, "archives": [],
-                                          "found": "already in root, not downloaded"}, indent=1))
-        os.replace(tmp_marker, marker)
+    if not from_archive and root.is_dir() and _open_error(root, open_split) is None:
+        found = {"dataset": dataset, "archives": [], "found": "already in root, not downloaded"}
+        atomic_write(marker, lambda f: json.dump(found, f, indent=1))  # extracted there by hand
         return marker
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-prepare-{dataset}-", dir=root))
     try:
         archives = ARCHIVES[dataset]
         local = _match_local(archives, list(from_archive)) if from_archive else {}
-        record = []
-        paths = []
-        try:
-            _collect(archives, local, from_archive, dataset, root, record, paths, retries, backoff,
-                     progress)
-        finally:
-            downloads = root / ".downloads"
-            if downloads.is_dir() and not any(downloads.iterdir()):
-                downloads.rmdir()
-        work = Path(tempfile.mkdtemp(prefix=f".tmp-prepare-{dataset}-", dir=root))
-        try:
-            extracted, out = work / "extracted", work / "out"
-            extracted.mkdir()
-            out.mkdir()
-            for path in paths:
-                extract(path, extracted)
-            found = _find_dataset_root(extracted, dataset, open_split)
-            if dataset in CONVERTED:
-                converted = 0  # one split open at a time: tieredImageNet's pickles are GBs
-                for split in ("train", "val", "test"):
-                    opened = open_split(found, split)
-                    converted = _check_converted_size(opened, converted, paths)
-                    write_npy_split(opened, out, progress)
-                moved = _move_into(out, sorted(p.name for p in out.iterdir()), root, dataset)
+        record, paths = [], []
+        for archive in archives:
+            if archive.filename in local:
+                path = local[archive.filename]
+            elif from_archive:
+                raise DataError(f"--from-archive does not include {archive.filename} (needed for "
+                                f"{dataset}: {', '.join(a.filename for a in archives)})")
             else:
-                moved = _move_into(found, DATASET_ENTRIES[dataset], root, dataset)
-            tmp_marker = work / marker.name
-            tmp_marker.write_text(json.dumps({"dataset": dataset, "archives": record,
-                                              "entries": moved}, indent=1))
-            os.replace(tmp_marker, marker)
-            progress_path(root, dataset).unlink()
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
+                path = download(archive, root / ".downloads", retries=retries, backoff=backoff,
+                                progress=progress)
+            paths.append(path)
+            record.append({"file": archive.filename, "source": str(path),
+                           "pinned": bool(archive.md5 or archive.sha256), **verify(path, archive)})
+        extracted, out = work / "extracted", work / "out"
+        extracted.mkdir()
+        for path in paths:
+            extract(path, extracted)
+        found = _find_dataset_root(extracted, dataset, open_split)
+        if dataset in CONVERTED:
+            converted = 0  # one split open at a time: tieredImageNet's pickles are GBs
+            for split in SPLITS:
+                converted = write_npy_split(open_split(found, split), out, progress, converted,
+                                            paths)
+            moved = _move_into(out, sorted(p.name for p in out.iterdir()), root, dataset)
+        else:
+            moved = _move_into(found, DATASET_ENTRIES[dataset], root, dataset)
+        atomic_write(marker, lambda f: json.dump({"dataset": dataset, "archives": record,
+                                                  "entries": moved}, f, indent=1))
+        progress_path(root, dataset).unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        downloads = root / ".downloads"
+        if downloads.is_dir() and not any(downloads.iterdir()):
+            downloads.rmdir()
         if created and not any(root.iterdir()):
             root.rmdir()  # leave no trace of a failed first preparation
-        raise
     return marker

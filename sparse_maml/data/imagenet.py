@@ -23,16 +23,25 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 
 
+def _first_complete(candidates: Iterable[tuple[Path, ...]]) -> Optional[tuple[Path, ...]]:
+    """The first of `candidates` whose files all exist."""
+    return next((files for files in candidates if all(p.is_file() for p in files)), None)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images of a class folder, sorted by name (hidden entries and other files skipped)."""
+    return sorted(p for p in visible_entries(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 # ---------------------------------------------------------------------------------------------
 # The prepared form: {split}_images.npy (uint8, (N, H, W, C), rows grouped by class) and
 # {split}_index.json ({"classes": [...], "counts": [...]}); memory-mapped, nothing decoded.
 
 def find_npy(root: Path, split: str) -> Optional[tuple[Path, Path]]:
-    images, index = root / f"{split}_images.npy", root / f"{split}_index.json"
-    return (images, index) if images.is_file() and index.is_file() else None
+    return _first_complete([(root / f"{split}_images.npy", root / f"{split}_index.json")])
 
 
-def open_npy(name: str, root: Path, split: str, files: tuple[Path, Path]) -> FewShotSplit:
+def open_npy(name: str, split: str, files: tuple[Path, Path]) -> FewShotSplit:
     images_path, index_path = files
     try:
         index = json.loads(read_text(index_path, "index file"))
@@ -100,16 +109,8 @@ def write_npy(root: Path, split: str, classes: list[str], arrays: Iterable[np.nd
 # ---------------------------------------------------------------------------------------------
 # MiniImageNet
 
-def _mini_hdf5_dir(root: Path) -> list[Path]:
-    return [root / "miniimagenet", root]
-
-
-def find_hdf5(folder_names: list[Path], split: str) -> Optional[tuple[Path, Path]]:
-    for folder in folder_names:
-        data, labels = folder / f"{split}_data.hdf5", folder / f"{split}_labels.json"
-        if data.is_file() and labels.is_file():
-            return data, labels
-    return None
+def find_hdf5(folders: list[Path], split: str) -> Optional[tuple[Path, Path]]:
+    return _first_complete((f / f"{split}_data.hdf5", f / f"{split}_labels.json") for f in folders)
 
 
 def open_hdf5(name: str, split: str, files: tuple[Path, Path], sort: bool) -> FewShotSplit:
@@ -125,21 +126,18 @@ def open_hdf5(name: str, split: str, files: tuple[Path, Path], sort: bool) -> Fe
             group = f["datasets"]
             missing = [c for c in labels if c not in group]
             if missing:
-                raise DataError(f"HDF5 file {data} has no dataset for class {missing[0]!r} listed in "
-                                f"{labels_path} ({len(missing)} missing)")
+                raise DataError(f"HDF5 file {data} has no dataset for class {missing[0]!r} "
+                                f"listed in {labels_path} ({len(missing)} missing)")
             classes = sorted(labels) if sort else labels
             for c in classes:
                 check_stored(group[c], f"HDF5 file {data}, class {c!r}")
             sizes = [len(group[c]) for c in classes]
             first = group[classes[0]] if classes else None
-            channels = 3
-            if first is not None and first.dtype == np.uint8 and first.ndim == 3:
-                channels = 1
-    except DataError:
-        raise
+            grey = first is not None and first.dtype == np.uint8 and first.ndim == 3
     except (OSError, KeyError, AttributeError, TypeError, ValueError) as err:
-        raise DataError(f"HDF5 file {data} is corrupt or not in torchmeta's format ({err})") from err
-    return Hdf5Split(name, split, data, classes, sizes, channels=channels)
+        raise DataError(f"HDF5 file {data} is corrupt or not in torchmeta's format "
+                        f"({err})") from err
+    return Hdf5Split(name, split, data, classes, sizes, channels=1 if grey else 3)
 
 
 def check_stored(dataset: Any, where: str) -> None:
@@ -173,12 +171,8 @@ def check_stored(dataset: Any, where: str) -> None:
                         f"{MAX_EXPANSION}-fold compression is not image data)")
 
 
-def _mini_pickle(root: Path, split: str) -> Optional[Path]:
-    for alias in SPLIT_ALIASES[split]:
-        path = root / f"mini-imagenet-cache-{alias}.pkl"
-        if path.is_file():
-            return path
-    return None
+def _mini_pickle(root: Path, split: str) -> Optional[tuple[Path]]:
+    return _first_complete((root / f"mini-imagenet-cache-{a}.pkl",) for a in SPLIT_ALIASES[split])
 
 
 def _text(key: Any) -> str:
@@ -186,8 +180,9 @@ def _text(key: Any) -> str:
 
 
 # The only globals the dataset pickles need: NumPy's array and scalar reconstructors (under their
-# NumPy 1 and NumPy 2 module names; _frombuffer for protocol 5) and the bytes encoder of protocol-2 pickles. Anything else (a
-# function a crafted file asks to call) is refused before it is looked up, so it never runs.
+# NumPy 1 and NumPy 2 module names; _frombuffer for protocol 5) and the bytes encoder of protocol-2
+# pickles. Anything else (a function a crafted file asks to call) is refused before it is looked
+# up, so it never runs.
 SAFE_PICKLE_GLOBALS = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -236,14 +231,21 @@ def load_pickle(path: Path) -> Any:
         raise DataError(f"pickle file {path} is corrupt or truncated ({err})") from err
 
 
-def read_mini_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
-    """(image_data (N, 84, 84, 3) uint8, {wnid: rows}) of a mini-imagenet-cache pickle."""
+def _pickled_dict(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The dict a dataset pickle holds, its keys as text; refused unless it has all of `keys`."""
     content = load_pickle(path)
     if not isinstance(content, dict):
         raise DataError(f"pickle file {path} does not hold a dict")
     content = {_text(k): v for k, v in content.items()}
-    if "image_data" not in content or "class_dict" not in content:
-        raise DataError(f"pickle file {path} lacks image_data or class_dict (keys: {sorted(content)})")
+    if not all(key in content for key in keys):
+        raise DataError(f"pickle file {path} lacks {' or '.join(keys)} (keys: {sorted(content)})")
+    return content
+
+
+def open_mini_pickle(root: Path, split: str, files: tuple[Path]) -> FewShotSplit:
+    """A mini-imagenet-cache pickle: image_data (N, 84, 84, 3) uint8 and class_dict {wnid: rows}."""
+    (path,) = files
+    content = _pickled_dict(path, ("image_data", "class_dict"))
     images = np.asarray(content["image_data"])
     if images.dtype != np.uint8 or images.ndim != 4:
         raise DataError(f"pickle file {path}: image_data is {images.dtype} {images.shape}, "
@@ -257,12 +259,8 @@ def read_mini_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
         bad = [i for i in rows if not 0 <= i < len(images)]
         if bad:
             raise DataError(f"pickle file {path}: class {name} lists row {bad[0]}, but image_data "
-                            f"has rows 0..{len(images) - 1} ({len(bad)} of its rows are out of range)")
-    return images, class_dict
-
-
-def open_mini_pickle(root: Path, split: str, path: Path) -> FewShotSplit:
-    images, class_dict = read_mini_pickle(path)
+                            f"has rows 0..{len(images) - 1} ({len(bad)} of its rows are out of "
+                            "range)")
     classes = sorted(class_dict)
     rows = [np.asarray(class_dict[c]) for c in classes]
     return ArraySplit("miniimagenet", split, classes, [images], rows, source=str(path))
@@ -273,9 +271,10 @@ def _csv_files(root: Path, split: str) -> Optional[Path]:
     return path if path.is_file() and (root / "images").is_dir() else None
 
 
-def read_csv(path: Path, image_dir: Path) -> tuple[list[str], list[list[Path]]]:
-    """Classes (sorted) and their image files from a Ravi-style `filename,label` CSV; a file name
-    that leaves `image_dir` is refused."""
+def open_csv(root: Path, split: str, path: Path) -> FewShotSplit:
+    """Classes (sorted) and their images from a Ravi-style `filename,label` CSV over root/images;
+    a file name that leaves images/ is refused."""
+    image_dir = root / "images"
     by_class: dict[str, list[Path]] = {}
     try:
         rows = list(csv.reader(read_text(path, "CSV file").splitlines()))
@@ -289,45 +288,31 @@ def read_csv(path: Path, image_dir: Path) -> tuple[list[str], list[list[Path]]]:
         file = inside(image_dir, row[0], f"{path}, line {k + 1}")
         by_class.setdefault(row[1].strip(), []).append(file)
     classes = sorted(by_class)
-    files = [by_class[c] for c in classes]
-    missing = [p for paths in files for p in paths if not p.is_file()]
+    missing = [p for c in classes for p in by_class[c] if not p.is_file()]
     if missing:
         raise DataError(f"{len(missing)} images listed in {path} are missing from {image_dir}, "
                         f"e.g. {missing[0]}")
-    return classes, files
-
-
-def open_csv(root: Path, split: str, path: Path) -> FewShotSplit:
-    classes, files = read_csv(path, root / "images")
-    return ImageFileSplit("miniimagenet", split, classes, files)
+    return ImageFileSplit("miniimagenet", split, classes, [by_class[c] for c in classes])
 
 
 def _split_folder(root: Path, split: str) -> Optional[Path]:
-    for alias in SPLIT_ALIASES[split]:
-        folder = root / alias
-        if folder.is_dir() and any(p.is_dir() for p in visible_entries(folder)):
-            return folder
-    return None
-
-
-def read_image_folder(folder: Path) -> tuple[list[str], list[list[Path]]]:
-    """Classes (sorted sub-folder names) and their image files (sorted) of `split/class/*.jpg`."""
-    classes = sorted(p.name for p in visible_entries(folder) if p.is_dir())
-    files = [sorted(p for p in visible_entries(folder / c) if p.suffix.lower() in IMAGE_SUFFIXES)
-             for c in classes]
-    return classes, files
+    folders = (root / alias for alias in SPLIT_ALIASES[split])
+    return next((f for f in folders if f.is_dir() and any(p.is_dir() for p in visible_entries(f))),
+                None)
 
 
 def open_folder(root: Path, split: str, folder: Path) -> FewShotSplit:
-    classes, files = read_image_folder(folder)
+    """`split/class/*.jpg`: the classes are the sub-folders, sorted by name."""
+    classes = sorted(p.name for p in visible_entries(folder) if p.is_dir())
+    files = [image_files(folder / c) for c in classes]
     return ImageFileSplit("miniimagenet", split, classes, files)
 
 
 MINI_LAYOUTS = [
     Layout("npy", "{split}_images.npy + {split}_index.json (written by utils/prepare_data.py)",
-           find_npy, lambda root, split, files: open_npy("miniimagenet", root, split, files)),
+           find_npy, lambda root, split, files: open_npy("miniimagenet", split, files)),
     Layout("hdf5", "miniimagenet/{split}_data.hdf5 + miniimagenet/{split}_labels.json (torchmeta)",
-           lambda root, split: find_hdf5(_mini_hdf5_dir(root), split),
+           lambda root, split: find_hdf5([root / "miniimagenet", root], split),
            lambda root, split, files: open_hdf5("miniimagenet", split, files, sort=True)),
     Layout("pickle", "mini-imagenet-cache-{train,val|validation,test}.pkl (learn2learn, "
            "mini-imagenet.tar.gz)", _mini_pickle, open_mini_pickle),
@@ -341,23 +326,15 @@ MINI_LAYOUTS = [
 # tieredImageNet
 
 def _tiered_pickles(root: Path, split: str) -> Optional[tuple[Path, Path]]:
-    for alias in SPLIT_ALIASES[split]:
-        images, labels = root / f"{alias}_images_png.pkl", root / f"{alias}_labels.pkl"
-        if images.is_file() and labels.is_file():
-            return images, labels
-    return None
+    return _first_complete((root / f"{a}_images_png.pkl", root / f"{a}_labels.pkl")
+                           for a in SPLIT_ALIASES[split])
 
 
-def read_tiered_pickles(files: tuple[Path, Path]) -> tuple[list[str], list[list[Any]]]:
-    """Class names and per-class encoded PNG images of `{split}_images_png.pkl` + labels."""
+def open_tiered_pickles(root: Path, split: str, files: tuple[Path, Path]) -> FewShotSplit:
+    """Per-class encoded PNG images of `{split}_images_png.pkl`, grouped by `{split}_labels.pkl`."""
     images_path, labels_path = files
     images = load_pickle(images_path)
-    labels = load_pickle(labels_path)
-    if not isinstance(labels, dict):
-        raise DataError(f"pickle file {labels_path} does not hold a dict")
-    labels = {_text(k): v for k, v in labels.items()}
-    if "label_specific" not in labels:
-        raise DataError(f"pickle file {labels_path} lacks label_specific (keys: {sorted(labels)})")
+    labels = _pickled_dict(labels_path, ("label_specific",))
     try:
         specific = np.asarray(labels["label_specific"]).astype(np.int64).reshape(-1)
     except (ValueError, TypeError, OverflowError) as err:
@@ -373,29 +350,24 @@ def read_tiered_pickles(files: tuple[Path, Path]) -> tuple[list[str], list[list[
         raise DataError(f"pickle file {labels_path}: label_specific runs from {int(present[0])} to "
                         f"{int(present[-1])}, but only {len(present)} classes are present; "
                         f"expected the classes 0..{len(present) - 1} of its {len(images)} images")
-    num_classes = len(present)
     try:
         names = [_text(n) for n in labels.get("label_specific_str", [])]
     except TypeError as err:
         raise DataError(f"pickle file {labels_path}: label_specific_str is not a list of class "
                         f"names ({err})") from err
-    if len(names) != num_classes:
-        names = [str(c) for c in range(num_classes)]
-    members: list[list[Any]] = [[] for _ in range(num_classes)]
+    if len(names) != len(present):
+        names = [str(c) for c in range(len(present))]
+    members: list[list[Any]] = [[] for _ in present]
     for image, label in zip(images, specific):
         members[label].append(image)
-    return names, members
-
-
-def open_tiered_pickles(root: Path, split: str, files: tuple[Path, Path]) -> FewShotSplit:
-    names, members = read_tiered_pickles(files)
-    return EncodedSplit("tieredimagenet", split, names, members, source=str(files[0]))
+    return EncodedSplit("tieredimagenet", split, names, members, source=str(images_path))
 
 
 TIERED_LAYOUTS = [
     Layout("npy", "{split}_images.npy + {split}_index.json (written by utils/prepare_data.py)",
-           find_npy, lambda root, split, files: open_npy("tieredimagenet", root, split, files)),
-    Layout("hdf5", "tieredimagenet/{split}_data.hdf5 + tieredimagenet/{split}_labels.json (torchmeta)",
+           find_npy, lambda root, split, files: open_npy("tieredimagenet", split, files)),
+    Layout("hdf5", "tieredimagenet/{split}_data.hdf5 + tieredimagenet/{split}_labels.json "
+           "(torchmeta)",
            lambda root, split: find_hdf5([root / "tieredimagenet", root], split),
            lambda root, split, files: open_hdf5("tieredimagenet", split, files, sort=False)),
     Layout("pickle", "{train,val,test}_images_png.pkl + {train,val,test}_labels.pkl "

@@ -32,14 +32,12 @@ def missing_message(dataset: str, root: Path, split: str, layouts: list[Layout],
     """The one message for a missing or incomplete dataset: folder, layouts, files, command."""
     lines = [f"{dataset}: no complete {split} split found in {root.resolve()}"]
     if other_splits:
-        found = "; ".join(f"{name} has {', '.join(splits)}" for name, splits in other_splits.items())
+        found = "; ".join(f"{name} has {', '.join(s)}" for name, s in other_splits.items())
         lines.append(f"  (incomplete: layout {found}, but not {split})")
     lines.append("  layouts accepted (expected files, relative to data.root):")
-    for layout in layouts:
-        lines.append(f"    {layout.name:8s} {layout.expected.replace('{split}', split)}")
-    hint = PREPARE_HINT.format(name=dataset, root=root)
-    lines.append(f"  prepare it with: {hint}  (or add --from-archive FILE for an archive you "
-                 "already have), or set data.download=true")
+    lines += [f"    {lay.name:8s} {lay.expected.replace('{split}', split)}" for lay in layouts]
+    lines.append(f"  prepare it with: {PREPARE_HINT.format(name=dataset, root=root)}  (or add "
+                 "--from-archive FILE for an archive you already have), or set data.download=true")
     return "\n".join(lines)
 
 
@@ -55,22 +53,17 @@ def locate(dataset: str, root: Path, split: str, layouts: list[Layout],
     """The layout `split` of `dataset` is stored in under `root`, and its files; nothing is read.
     Raises DataError (the missing-dataset message) when no layout is complete."""
     root = Path(root)
-    names = [layout.name for layout in layouts]
-    if forced != "auto":
-        if forced not in names:
-            raise DataError(f"data.layout={forced!r} is not a {dataset} layout; choose auto or one of "
-                            f"{', '.join(names)}")
-        layouts_to_try = [layout for layout in layouts if layout.name == forced]
-    else:
-        layouts_to_try = layouts
-    for layout in layouts_to_try:
-        files = layout.find(root, split) if root.is_dir() else None
+    if forced != "auto" and forced not in [layout.name for layout in layouts]:
+        raise DataError(f"data.layout={forced!r} is not a {dataset} layout; choose auto or one of "
+                        f"{', '.join(layout.name for layout in layouts)}")
+    tried = [layout for layout in layouts if forced in ("auto", layout.name)]
+    for layout in tried if root.is_dir() else []:
+        files = layout.find(root, split)
         if files is not None:
             return layout, files
     other: dict[str, list[str]] = {}
-    if root.is_dir():
-        for layout in layouts_to_try:
-            splits = [s for s in ("train", "val", "test") if s != split and layout.find(root, s)]
-            if splits:
-                other[layout.name] = splits
-    raise DataError(missing_message(dataset, root, split, layouts_to_try, other))
+    for layout in tried if root.is_dir() else []:
+        splits = [s for s in ("train", "val", "test") if s != split and layout.find(root, s)]
+        if splits:
+            other[layout.name] = splits
+    raise DataError(missing_message(dataset, root, split, tried, other))

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .base import DataError, FewShotSplit, ImageFileSplit, inside, visible_entries
-from .imagenet import IMAGE_SUFFIXES
+from .imagenet import image_files
 from .layouts import PREPARE_HINT, Layout
 
 SPLITS_DIR = Path(__file__).parent / "splits"
@@ -27,31 +27,22 @@ def class_split(dataset: str) -> dict[str, list[str]]:
     return json.loads((SPLITS_DIR / f"{dataset}.json").read_text())
 
 
-def _incomplete(dataset: str, root: Path, what: str) -> DataError:
-    hint = PREPARE_HINT.format(name=dataset, root=root)
-    return DataError(f"{dataset}: {what}; the dataset in {root.resolve()} is incomplete. "
-                     f"Prepare it again with: {hint}")
-
-
 # ---------------------------------------------------------------------------------------------
 # CUB-200-2011
 
 def _cub_images(root: Path, split: str) -> Optional[Path]:
-    for folder in (root / "CUB_200_2011" / "images", root / "images"):
-        if folder.is_dir():
-            return folder
-    return None
+    folders = (root / "CUB_200_2011" / "images", root / "images")
+    return next((f for f in folders if f.is_dir()), None)
 
 
 def open_cub(root: Path, split: str, images: Path) -> FewShotSplit:
     classes = class_split("cub")[split]
-    files = []
     for name in classes:
-        folder = images / name
-        if not folder.is_dir():
-            raise _incomplete("cub", root, f"class folder {folder} is missing")
-        files.append(sorted(p for p in visible_entries(folder) if p.suffix.lower() in IMAGE_SUFFIXES))
-    return ImageFileSplit("cub", split, classes, files)
+        if not (images / name).is_dir():
+            raise DataError(f"cub: class folder {images / name} is missing; the dataset in "
+                            f"{root.resolve()} is incomplete. Prepare it again with: "
+                            f"{PREPARE_HINT.format(name='cub', root=root)}")
+    return ImageFileSplit("cub", split, classes, [image_files(images / name) for name in classes])
 
 
 CUB_LAYOUTS = [
@@ -66,6 +57,7 @@ CUB_LAYOUTS = [
 # The Cars annotation files hold one record per image (16,185 in all); a variable declaring more
 # elements than this is not an annotation, and loading it would allocate what it declares.
 MAX_MAT_ELEMENTS = 10**6
+Annotation = tuple[Path, tuple[int, int, int, int], int]  # image file, crop box, 1-based class
 
 
 def _loadmat(path: Path) -> dict[str, Any]:
@@ -85,18 +77,6 @@ def _loadmat(path: Path) -> dict[str, Any]:
         raise DataError(f"annotation file {path} is corrupt or not a MATLAB file ({err})") from err
 
 
-def _records(mat: dict[str, Any], path: Path) -> list[Any]:
-    if "annotations" not in mat:
-        raise DataError(f"annotation file {path} has no 'annotations' (keys: "
-                        f"{sorted(k for k in mat if not k.startswith('__'))})")
-    records = mat["annotations"]
-    return [records] if not hasattr(records, "__len__") else list(records)
-
-
-def _box(record: Any) -> tuple[int, int, int, int]:
-    return (int(record.bbox_x1), int(record.bbox_y1), int(record.bbox_x2), int(record.bbox_y2))
-
-
 def _class_names(mat: dict[str, Any], path: Path) -> list[str]:
     """The `class_names` of an annotation file, as strings."""
     names = mat.get("class_names", [])
@@ -106,24 +86,28 @@ def _class_names(mat: dict[str, Any], path: Path) -> list[str]:
     return [str(n) for n in names]
 
 
-def _annotated(records: list[Any], folder: Path, file_field: str, path: Path
-               ) -> list[tuple[Path, tuple[int, int, int, int], int]]:
-    """(image file, box, 1-based class) of each annotation record; a file outside `folder` or a
-    record without those fields is refused, naming the annotation file and the record."""
+def _annotated(mat: dict[str, Any], path: Path, folder: Path, file_field: str) -> list[Annotation]:
+    """The Annotation of each record of the annotation file `path`; a file outside `folder` or a
+    record without those fields is refused, naming the file and record."""
+    if "annotations" not in mat:
+        raise DataError(f"annotation file {path} has no 'annotations' (keys: "
+                        f"{sorted(k for k in mat if not k.startswith('__'))})")
+    records = mat["annotations"]
     images = []
-    for k, record in enumerate(records):
+    for k, r in enumerate([records] if not hasattr(records, "__len__") else records):
         where = f"annotation file {path}, record {k + 1}"
         try:
-            file = inside(folder, str(getattr(record, file_field)), where)
-            images.append((file, _box(record), int(getattr(record, "class"))))
+            file = inside(folder, str(getattr(r, file_field)), where)
+            box = (int(r.bbox_x1), int(r.bbox_y1), int(r.bbox_x2), int(r.bbox_y2))
+            images.append((file, box, int(getattr(r, "class"))))
         except (AttributeError, TypeError, ValueError) as err:
             raise DataError(f"{where} is not an image annotation ({err})") from err
     return images
 
 
-def _cars_annos(root: Path, split: str) -> Optional[tuple[Path, Path]]:
+def _cars_annos(root: Path, split: str) -> Optional[Path]:
     mat = root / "cars_annos.mat"
-    return (mat, root) if mat.is_file() and (root / "car_ims").is_dir() else None
+    return mat if mat.is_file() and (root / "car_ims").is_dir() else None
 
 
 def _cars_devkit(root: Path, split: str) -> Optional[Path]:
@@ -132,15 +116,15 @@ def _cars_devkit(root: Path, split: str) -> Optional[Path]:
     return root if all(p.exists() for p in needed) else None
 
 
-def _cars_split(dataset_root: Path, split: str, class_names: list[str],
-                images: list[tuple[Path, tuple[int, int, int, int], int]]) -> FewShotSplit:
-    """Group (file, box, 1-based class) by the shipped class split of Cars."""
+def _cars_split(root: Path, split: str, class_names: list[str], images: list[Annotation]
+                ) -> FewShotSplit:
+    """Group the annotated images by the shipped class split of Cars."""
     wanted = class_split("cars")[split]
     index = {name: k for k, name in enumerate(class_names)}
     unknown = [name for name in wanted if name not in index]
     if unknown:
         raise DataError(f"cars: class {unknown[0]!r} of the shipped {split} split is not among the "
-                        f"{len(class_names)} class names of the annotations in {dataset_root}")
+                        f"{len(class_names)} class names of the annotations in {root}")
     position = {index[name] + 1: k for k, name in enumerate(wanted)}
     files: list[list[Path]] = [[] for _ in wanted]
     boxes: list[list[tuple[int, int, int, int]]] = [[] for _ in wanted]
@@ -151,21 +135,18 @@ def _cars_split(dataset_root: Path, split: str, class_names: list[str],
     return ImageFileSplit("cars", split, wanted, files, boxes=boxes)
 
 
-def open_cars_annos(root: Path, split: str, found: tuple[Path, Path]) -> FewShotSplit:
-    mat_path, _ = found
-    mat = _loadmat(mat_path)
-    names = _class_names(mat, mat_path)
-    images = _annotated(_records(mat, mat_path), root, "relative_im_path", mat_path)
-    return _cars_split(root, split, names, images)
+def open_cars_annos(root: Path, split: str, path: Path) -> FewShotSplit:
+    mat = _loadmat(path)
+    return _cars_split(root, split, _class_names(mat, path),
+                       _annotated(mat, path, root, "relative_im_path"))
 
 
 def open_cars_devkit(root: Path, split: str, found: Path) -> FewShotSplit:
     meta = root / "devkit" / "cars_meta.mat"
-    names = _class_names(_loadmat(meta), meta)
-    images = []
-    for mat_path, folder in ((root / "devkit" / "cars_train_annos.mat", root / "cars_train"),
-                             (root / "cars_test_annos_withlabels.mat", root / "cars_test")):
-        images += _annotated(_records(_loadmat(mat_path), mat_path), folder, "fname", mat_path)
+    names, images = _class_names(_loadmat(meta), meta), []
+    for path, folder in ((root / "devkit" / "cars_train_annos.mat", root / "cars_train"),
+                         (root / "cars_test_annos_withlabels.mat", root / "cars_test")):
+        images += _annotated(_loadmat(path), path, folder, "fname")
     return _cars_split(root, split, names, images)
 
 
@@ -188,43 +169,30 @@ OMNIGLOT_SPLIT = {"train": 1028, "val": 172, "test": 423}
 
 
 def _omniglot_folder(root: Path, split: str) -> Optional[Path]:
-    for folder in (root, root / "omniglot-py", root / "omniglot"):
-        if all((folder / s).is_dir() for s in OMNIGLOT_SETS):
-            return folder
-    return None
+    folders = (root, root / "omniglot-py", root / "omniglot")
+    return next((f for f in folders if all((f / s).is_dir() for s in OMNIGLOT_SETS)), None)
 
 
-def omniglot_characters(folder: Path) -> list[Path]:
-    """Every character folder, background set first, sorted by alphabet and character."""
+def open_omniglot(root: Path, split: str, folder: Path, rotations: bool) -> FewShotSplit:
     characters = []
     for subset in OMNIGLOT_SETS:
         for alphabet in sorted(p for p in visible_entries(folder / subset) if p.is_dir()):
             characters += sorted(p for p in visible_entries(alphabet) if p.is_dir())
-    return characters
-
-
-def omniglot_bounds(total: int, split: str) -> tuple[int, int]:
-    """[start, end) of `split` among `total` characters, in the 1028/172/423 proportions."""
+    # [start, end) of each split among the characters, in the 1028/172/423 proportions
     full = sum(OMNIGLOT_SPLIT.values())
-    n_train = round(total * OMNIGLOT_SPLIT["train"] / full)
-    n_val = round(total * OMNIGLOT_SPLIT["val"] / full)
-    return {"train": (0, n_train), "val": (n_train, n_train + n_val),
-            "test": (n_train + n_val, total)}[split]
-
-
-def open_omniglot(root: Path, split: str, folder: Path, rotations: bool) -> FewShotSplit:
-    characters = omniglot_characters(folder)
-    start, end = omniglot_bounds(len(characters), split)
+    n_train = round(len(characters) * OMNIGLOT_SPLIT["train"] / full)
+    n_val = round(len(characters) * OMNIGLOT_SPLIT["val"] / full)
+    start, end = {"train": (0, n_train), "val": (n_train, n_train + n_val),
+                  "test": (n_train + n_val, len(characters))}[split]
     chosen = characters[start:end]
-    names, files, turns = [], [], []
-    for quarter in range(4 if rotations else 1):
-        for character in chosen:
-            names.append(f"{character.parent.name}/{character.name}" + (f"/rot{90 * quarter}"
-                                                                        if rotations else ""))
-            files.append(sorted(p for p in visible_entries(character) if p.suffix.lower() == ".png"))
-            turns.append(quarter)
+    quarters = range(4) if rotations else range(1)
+    names = [f"{c.parent.name}/{c.name}" + (f"/rot{90 * q}" if rotations else "")
+             for q in quarters for c in chosen]
+    files = [sorted(p for p in visible_entries(c) if p.suffix.lower() == ".png")
+             for _ in quarters for c in chosen]
     return ImageFileSplit("omniglot", split, names, files, channels=1, native_size=28,
-                          normalize=False, rotations=turns if rotations else None, invert=True)
+                          normalize=False, invert=True,
+                          rotations=[q for q in quarters for _ in chosen] if rotations else None)
 
 
 def omniglot_layouts(rotations: bool) -> list[Layout]:
