@@ -25,29 +25,21 @@ from .errors import ConfigError
 # registry test checks the two agree).
 BUILTIN_ARCHS = ("conv4", "resnet12")
 
-# ---------------------------------------------------------------------------------------------
 # Field roles: what changing a field means. A field without one changes the experiment: a resume
 # refuses the change, and the results tools keep runs that differ in it apart.
-
 SCHEDULE = "schedule"  # how long and when to train and evaluate: may change on resume
 HOUSEKEEPING = "housekeeping"  # where and how the run executes: may change, results unchanged
 REPLICATE = "replicate"  # which repetition of the experiment (seed, label): fixed on resume,
 # pooled as seeds of one cell by the results tools
 
 
-def schedule(default: Any) -> Any:
-    """A field that may change on resume and distinguishes results (e.g. train.epochs)."""
-    return field(default=default, metadata={"role": SCHEDULE})
+def _role(role: str) -> Any:
+    return lambda default: field(default=default, metadata={"role": role})
 
 
-def housekeeping(default: Any) -> Any:
-    """A field that changes neither the trained weights nor the results (e.g. data.root)."""
-    return field(default=default, metadata={"role": HOUSEKEEPING})
-
-
-def replicate(default: Any) -> Any:
-    """A field that tells repetitions of one experiment apart (run.seed, run.protocol)."""
-    return field(default=default, metadata={"role": REPLICATE})
+# schedule(default), housekeeping(default), replicate(default): a field with that role, e.g.
+# train.epochs, data.root, run.seed.
+schedule, housekeeping, replicate = _role(SCHEDULE), _role(HOUSEKEEPING), _role(REPLICATE)
 
 
 @dataclass(frozen=True)
@@ -276,7 +268,6 @@ class Config:
     cross_domain: CrossDomainConfig = field(default_factory=CrossDomainConfig)
 
 
-# ---------------------------------------------------------------------------------------------
 # Reading YAML. A config may come from someone else (a received run folder), so the reader is
 # bounded and strict: no aliases (500 bytes of nested aliases expand to 10^8 strings), no nesting
 # deeper than MAX_DEPTH, no file over MAX_BYTES, no key given twice, and
@@ -302,12 +293,10 @@ class StrictLoader(yaml.SafeLoader):
     depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted",
-                                              self.peek_event().start_mark)
-        if self.depth >= MAX_DEPTH:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
-                                              self.peek_event().start_mark)
+        problem = ("aliases (*name) are not accepted" if self.check_event(yaml.AliasEvent) else
+                   f"nested deeper than {MAX_DEPTH} levels" if self.depth >= MAX_DEPTH else "")
+        if problem:
+            raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
         self.depth += 1
         try:
             return super().compose_node(parent, index)
@@ -318,13 +307,11 @@ class StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int)) or isinstance(key, bool):  # (a config: names only)
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {shorten(key)} is not a name or a number",
-                    key_node.start_mark)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            named = isinstance(key, (str, int)) and not isinstance(key, bool)  # (a config: names)
+            if not named or key in seen:
+                problem = (f"key {key!r} is given twice" if named else
+                           f"key {shorten(key)} is not a name or a number")
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -364,14 +351,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         if path.stat().st_size > MAX_BYTES:
             raise ConfigError(f"config file {path} is larger than {MAX_BYTES:,} bytes: not a config")
         data = path.read_bytes()
-        text = data.decode("utf-8")
+        tree = parse_yaml(data.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} is "
                           f"{data[err.start:err.start + 1]!r}); is it a YAML file?") from err
     except OSError as err:
         raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from err
-    try:
-        tree = parse_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not a valid config: {_yaml_problem(err)}") from err
     if tree is None:
@@ -382,13 +367,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return tree
 
 
-def write_yaml(config: "Config", f: Any) -> None:
+def write_yaml(config: Config, f: Any) -> None:
     """The resolved config as YAML into an open text file (see files.atomic_write)."""
     yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
 
-# ---------------------------------------------------------------------------------------------
 # Building the typed config
+
+# The Python types a value may have for each scalar annotation (a bool is never a number).
+_SCALARS = {type(None): type(None), bool: bool, int: int, float: (int, float), str: str}
 
 
 def _type_name(tp: Any) -> str:
@@ -426,40 +413,26 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(key, tp, value)
-        (item,) = typing.get_args(tp)[:1]
+        item = typing.get_args(tp)[0]
         return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
-                raise ConfigError(f"{key}: must be finite, got {value!r}")
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    if isinstance(value, _SCALARS.get(tp, ())) and (tp is bool or not isinstance(value, bool)):
+        if tp is float and not math.isfinite(float(value)):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        return float(value) if tp is float else value
     raise _wrong_type(key, tp, value)
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    where = prefix.rstrip(".") or "top level"
     odd = [k for k in values if not isinstance(k, str)]
     if odd:
-        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: key {shorten(odd[0])} is not a name")
+        raise ConfigError(f"{where}: key {shorten(odd[0])} is not a name")
     unknown = sorted(set(values) - names)
     if unknown:
-        where = prefix.rstrip(".") or "top level"
-        raise ConfigError(
-            f"unknown key {prefix}{shorten(unknown[0])[1:-1]} ({where} accepts: "
-            f"{', '.join(sorted(names))})")
+        raise ConfigError(f"unknown key {prefix}{shorten(unknown[0])[1:-1]} ({where} accepts: "
+                          f"{', '.join(sorted(names))})")
     kwargs = {}
     for name, value in values.items():
         tp = hints[name]
@@ -470,16 +443,6 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         else:
             kwargs[name] = _coerce(prefix + name, tp, value)
     return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
-    node[parts[-1]] = value
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -494,62 +457,53 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         try:
             value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as err:
+            hint = f"quote text, e.g. '{key}=\"{raw[:20]}\"'"
             raise ConfigError(f"override {shorten(item)}: the value is not valid YAML "
-                              f"({_yaml_problem(err)}); quote text, e.g. '{key}=\"{raw[:20]}\"'") from err
-        _set_dotted(tree, key, value)
+                              f"({_yaml_problem(err)}); {hint}") from err
+        *sections, name = key.split(".")
+        node = tree
+        for part in sections:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+        node[name] = value
     return tree
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both else value
     return merged
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict[str, Any] | None = None) -> Config:
     """Build a Config from defaults, an optional base dict, a YAML file and dotted overrides.
-
     Nothing is imported or read besides the file: a backbone named as `module:Class` is imported
-    when the model is built (models.build_model).
-    """
+    when the model is built (models.build_model)."""
     tree = dict(base or {})
     if path is not None:
         try:
             tree = _merge(tree, read_yaml(path))
         except ConfigError as err:
-            raise ConfigError(f"{err}" if str(path) in str(err) else f"{path}: {err}") from err
-    tree = _merge(tree, parse_overrides(list(overrides)))
-    config = _build(Config, tree)
+            raise ConfigError(str(err) if str(path) in str(err) else f"{path}: {err}") from err
+    config = _build(Config, _merge(tree, parse_overrides(list(overrides))))
     validate(config)
-    return _with_backbone_file_resolved(config)
-
-
-def _with_backbone_file_resolved(config: Config) -> Config:
-    """model.arch=path/to/file.py:Class with the file's absolute path, so that the run's
-    config.yaml still names the file when test.py or a resume starts in another folder."""
+    # model.arch=path/to/file.py:Class gets the file's absolute path, so that the run's config.yaml
+    # still names the file when test.py or a resume starts in another folder.
     where, _, name = config.model.arch.rpartition(":")
-    if not where.endswith(".py") or Path(where).is_absolute():
-        return config
-    model = dataclasses.replace(config.model, arch=f"{os.path.abspath(where)}:{name}")
-    return dataclasses.replace(config, model=model)
+    if where.endswith(".py") and not Path(where).is_absolute():
+        model = dataclasses.replace(config.model, arch=f"{os.path.abspath(where)}:{name}")
+        config = dataclasses.replace(config, model=model)
+    return config
 
 
 def to_dict(config: Config) -> dict[str, Any]:
     """The config as plain YAML-ready data (tuples become lists)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(config))
+    return {section: {key: list(v) if isinstance(v, tuple) else v for key, v in fields.items()}
+            for section, fields in dataclasses.asdict(config).items()}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -566,18 +520,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def keys_with_role(*roles: str) -> frozenset[str]:
     """Dotted keys whose field has one of `roles` (pass None for fields without a role: those
     that change the experiment)."""
-
-    def walk(cls: type, prefix: str) -> list[str]:
-        keys = []
-        for f in dataclasses.fields(cls):
-            tp = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(tp):
-                keys += walk(tp, f"{prefix}{f.name}.")
-            elif f.metadata.get("role") in roles:
-                keys.append(prefix + f.name)
-        return keys
-
-    return frozenset(walk(Config, ""))
+    return frozenset(f"{name}.{f.name}" for name, cls in typing.get_type_hints(Config).items()
+                     for f in dataclasses.fields(cls) if f.metadata.get("role") in roles)
 
 
 # Keys a resume may change: they leave the saved weights, optimizer state and episode stream valid.
@@ -586,71 +530,7 @@ RESUMABLE = keys_with_role(SCHEDULE, HOUSEKEEPING)
 SEED_POOLED = keys_with_role(HOUSEKEEPING, REPLICATE)
 
 
-# ---------------------------------------------------------------------------------------------
 # Cross-field validation: each rule names the keys involved.
-
-def validate(config: Config) -> None:
-    """Reject values and combinations that cannot run, naming the keys."""
-    r, d, m, i, o, t = config.run, config.data, config.model, config.inner, config.outer, config.train
-    positive = {
-        "data.num_ways": d.num_ways, "data.num_shots": d.num_shots, "data.num_query": d.num_query,
-        "inner.steps": i.steps, "inner.eval_steps": i.eval_steps,
-        "outer.meta_batch_size": o.meta_batch_size, "train.epochs": t.epochs,
-        "train.batches_per_epoch": t.batches_per_epoch, "train.val_every": t.val_every,
-        "train.num_val_tasks": t.num_val_tasks, "train.num_test_tasks": t.num_test_tasks,
-        "train.eval_batch_size": t.eval_batch_size, "run.keep_checkpoints": r.keep_checkpoints,
-        "outer.max_bad_steps": o.max_bad_steps,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    if d.num_ways < 2:
-        raise ConfigError(f"data.num_ways: a classification task needs at least 2 ways, got {d.num_ways}")
-    for key, value in {"inner.step_size": i.step_size, "outer.lr": o.lr, "outer.mask_lr": o.mask_lr}.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
-    if not 0 <= o.momentum < 1:
-        raise ConfigError(f"outer.momentum: must be in [0, 1), got {o.momentum}")
-    if o.grad_clamp is not None and o.grad_clamp <= 0:
-        raise ConfigError(f"outer.grad_clamp: must be positive or null, got {o.grad_clamp}")
-    if d.image_size < 0 or d.num_workers < 0:
-        raise ConfigError("data.image_size and data.num_workers must not be negative")
-    if len(m.widths) != 4 or min(m.widths) < 1:
-        raise ConfigError(f"model.widths: expected four positive channel counts, got {list(m.widths)}")
-    if not (r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device)):
-        raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:<index>, got {r.device!r}")
-    _validate_run(r)
-    for key, value in {"train.val_from_epoch": t.val_from_epoch,
-                       "data.synthetic_seed": d.synthetic_seed,
-                       "data.num_test_query": d.num_test_query,
-                       "outer.reset_optimizer_every": o.reset_optimizer_every}.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must not be negative, got {value}")
-    _validate_arch(m.arch)
-    _validate_folder(d)
-    # The smallest side that leaves a feature map: Conv4 has four 2x2 max-pools; ResNet-12 two,
-    # then one padded.
-    smallest = {"conv4": 16, "resnet12": 4}.get(m.arch, 0)
-    if 0 < d.image_size < smallest:
-        raise ConfigError(f"data.image_size: model.arch={m.arch} needs at least {smallest} pixels "
-                          f"(or 0 for the dataset's size), got {d.image_size}")
-    if i.mask == "none" and i.mask_init_shift != 0:
-        raise ConfigError(f"inner.mask_init_shift={i.mask_init_shift} shifts a mask, but inner.mask=none "
-                          "has no mask: set inner.mask or leave the shift at 0")
-    if i.mask == "none":
-        if i.mask_target != "gradient" or i.mask_generator:
-            raise ConfigError("inner.mask_target=weight and inner.mask_generator need a mask "
-                              "function: set inner.mask (e.g. binary_ste)")
-    _validate_implementation(o, i)
-    if i.mask_target == "weight" and i.mask != "binary_ste":
-        raise ConfigError(f"inner.mask_target=weight needs inner.mask=binary_ste, got {i.mask}")
-    if i.mask_generator:
-        if i.mask_target != "gradient":
-            raise ConfigError("inner.mask_generator works with inner.mask_target=gradient only")
-        if i.adapt == "head":
-            raise ConfigError("inner.mask_generator masks conv weights, but inner.adapt=head adapts none")
-    _validate_sizes(config)
-
 
 # Upper bounds far beyond any real run: a received config cannot make the program allocate
 # without bound (a value past these is a typo or a crafted file).
@@ -664,20 +544,102 @@ LIMITS = {
 }
 MAX_WIDTH = 65_536  # channels of one block of model.widths
 
+# A backbone of your own: `package.module:Class` or `path/to/file.py:Class` (checked, and imported,
+# only when the model is built: see models.load_backbone_class).
+_CUSTOM_ARCH = re.compile(r"[^:]+:[A-Za-z_][A-Za-z0-9_]*")
 
-def _validate_sizes(config: Config) -> None:
-    """Refuse sizes past LIMITS and MAX_WIDTH, naming the key."""
+
+def is_custom_arch(arch: str) -> bool:
+    """Whether model.arch names a backbone of your own (code that building the model imports)."""
+    return ":" in arch
+
+
+def validate(config: Config) -> None:
+    """Reject values and combinations that cannot run, naming the keys."""
+    r, d, m, i, o = config.run, config.data, config.model, config.inner, config.outer
     flat = flatten(to_dict(config))
-    for key, limit in LIMITS.items():
-        if flat[key] > limit:
-            raise ConfigError(f"{key}: {flat[key]:,} is beyond any usable value (at most {limit:,})")
-    if max(config.model.widths) > MAX_WIDTH:
-        raise ConfigError(f"model.widths: {list(config.model.widths)} has a block wider than "
-                          f"{MAX_WIDTH:,} channels")
-
-
-def _validate_implementation(o: OuterConfig, i: InnerConfig) -> None:
-    """Settings that an implementation cannot run, refused with the reason."""
+    for key in ("data.num_ways", "data.num_shots", "data.num_query", "inner.steps",
+                "inner.eval_steps", "outer.meta_batch_size", "train.epochs",
+                "train.batches_per_epoch", "train.val_every", "train.num_val_tasks",
+                "train.num_test_tasks", "train.eval_batch_size", "run.keep_checkpoints",
+                "outer.max_bad_steps"):
+        if flat[key] < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {flat[key]}")
+    if d.num_ways < 2:
+        raise ConfigError(f"data.num_ways: a classification task needs at least 2 ways, "
+                          f"got {d.num_ways}")
+    for key in ("inner.step_size", "outer.lr", "outer.mask_lr"):
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}: must be positive, got {flat[key]}")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"outer.momentum: must be in [0, 1), got {o.momentum}")
+    if o.grad_clamp is not None and o.grad_clamp <= 0:
+        raise ConfigError(f"outer.grad_clamp: must be positive or null, got {o.grad_clamp}")
+    if d.image_size < 0 or d.num_workers < 0:
+        raise ConfigError("data.image_size and data.num_workers must not be negative")
+    if len(m.widths) != 4 or min(m.widths) < 1:
+        raise ConfigError(f"model.widths: expected four positive channel counts, "
+                          f"got {list(m.widths)}")
+    if not (r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device)):
+        raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:<index>, got {r.device!r}")
+    # The run folder, seed and checkpoints
+    if not r.name or "/" in r.name or "\\" in r.name or r.name in (".", ".."):
+        raise ConfigError(f"run.name: expected a non-empty name without path separators, "
+                          f"got {r.name!r}")
+    if not r.dir and not r.out_dir:
+        raise ConfigError("run.out_dir: must not be empty when run.dir is empty")
+    if not 0 <= r.seed < 2**63:
+        raise ConfigError(f"run.seed: must be in [0, 2**63), got {r.seed}")
+    if r.checkpoint_every < 0:
+        raise ConfigError(f"run.checkpoint_every: must not be negative (0: end of epoch only), "
+                          f"got {r.checkpoint_every}")
+    if r.resume == "auto" and not r.dir:
+        raise ConfigError("run.resume=auto needs run.dir: the folder to continue (a timestamped "
+                          "folder is new on every start)")
+    if r.resume == "auto" and r.overwrite:
+        raise ConfigError("run.resume=auto and run.overwrite=true contradict each other: "
+                          "choose one")
+    for key in ("train.val_from_epoch", "data.synthetic_seed", "data.num_test_query",
+                "outer.reset_optimizer_every"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must not be negative, got {flat[key]}")
+    # A built-in backbone name, or the form of a backbone of your own; nothing is imported.
+    if is_custom_arch(m.arch) and not _CUSTOM_ARCH.fullmatch(m.arch):
+        raise ConfigError(f"model.arch={shorten(m.arch)}: expected module:Class or "
+                          "path/to/file.py:Class")
+    if not is_custom_arch(m.arch) and m.arch not in BUILTIN_ARCHS:
+        raise ConfigError(f"model.arch: {shorten(m.arch)} is not allowed; choose one of "
+                          f"{', '.join(repr(a) for a in BUILTIN_ARCHS)} or a backbone of your "
+                          "own as module:Class or path/to/file.py:Class")
+    # The settings that only a dataset of your own (data.name=folder) takes
+    if d.name == "folder":
+        if d.image_size == 0:
+            raise ConfigError("data.image_size: data.name=folder needs the side images are resized "
+                              "to, e.g. data.image_size=84 (images of any size are accepted)")
+        if d.download:
+            raise ConfigError("data.download: data.name=folder reads your own folder; there is "
+                              "nothing to download")
+        if d.grayscale and d.normalize == "imagenet":
+            raise ConfigError("data.normalize=imagenet needs colour images, but "
+                              "data.grayscale=true: use data.normalize=train or none")
+    elif d.grayscale:
+        raise ConfigError(f"data.grayscale: only data.name=folder takes it (data.name={d.name})")
+    elif d.normalize == "train":
+        raise ConfigError(f"data.normalize=train: only data.name=folder computes train statistics "
+                          f"(data.name={d.name}); choose auto, imagenet or none")
+    # The smallest side that leaves a feature map: Conv4 has four 2x2 max-pools; ResNet-12 two,
+    # then one padded.
+    smallest = {"conv4": 16, "resnet12": 4}.get(m.arch, 0)
+    if 0 < d.image_size < smallest:
+        raise ConfigError(f"data.image_size: model.arch={m.arch} needs at least {smallest} pixels "
+                          f"(or 0 for the dataset's size), got {d.image_size}")
+    if i.mask == "none" and i.mask_init_shift != 0:
+        raise ConfigError(f"inner.mask_init_shift={i.mask_init_shift} shifts a mask, but "
+                          "inner.mask=none has no mask: set inner.mask or leave the shift at 0")
+    if i.mask == "none" and (i.mask_target != "gradient" or i.mask_generator):
+        raise ConfigError("inner.mask_target=weight and inner.mask_generator need a mask "
+                          "function: set inner.mask (e.g. binary_ste)")
+    # Settings that an implementation cannot run, refused with the reason
     if o.implementation == "compiled" and not i.first_order:
         raise ConfigError(
             "outer.implementation=compiled computes first-order outer gradients only: its query "
@@ -690,65 +652,16 @@ def _validate_implementation(o: OuterConfig, i: InnerConfig) -> None:
     if o.checkpoint_inner_steps and i.first_order:
         raise ConfigError("outer.checkpoint_inner_steps saves memory of second-order runs only "
                           "(a first-order run keeps no inner graph): set inner.first_order=false")
-
-
-# A backbone of your own: `package.module:Class` or `path/to/file.py:Class` (checked, and imported,
-# only when the model is built: see models.load_backbone_class).
-_CUSTOM_ARCH = re.compile(r"[^:]+:[A-Za-z_][A-Za-z0-9_]*")
-
-
-def is_custom_arch(arch: str) -> bool:
-    """Whether model.arch names a backbone of your own (code that building the model imports)."""
-    return ":" in arch
-
-
-def _validate_arch(arch: str) -> None:
-    """A built-in backbone name, or the form of a backbone of your own; nothing is imported."""
-    if is_custom_arch(arch):
-        if not _CUSTOM_ARCH.fullmatch(arch):
-            raise ConfigError(f"model.arch={shorten(arch)}: expected module:Class or "
-                              "path/to/file.py:Class")
-    elif arch not in BUILTIN_ARCHS:
-        raise ConfigError(f"model.arch: {shorten(arch)} is not allowed; choose one of "
-                          f"{', '.join(repr(a) for a in BUILTIN_ARCHS)} or a backbone of your own as "
-                          "module:Class or path/to/file.py:Class")
-
-
-def _validate_folder(d: DataConfig) -> None:
-    """The settings that only a dataset of your own (data.name=folder) takes."""
-    if d.name == "folder":
-        if d.image_size == 0:
-            raise ConfigError("data.image_size: data.name=folder needs the side images are resized "
-                              "to, e.g. data.image_size=84 (images of any size are accepted)")
-        if d.download:
-            raise ConfigError("data.download: data.name=folder reads your own folder; there is "
-                              "nothing to download")
-        if d.grayscale and d.normalize == "imagenet":
-            raise ConfigError("data.normalize=imagenet needs colour images, but data.grayscale=true: "
-                              "use data.normalize=train or none")
-        return
-    if d.grayscale:
-        raise ConfigError(f"data.grayscale: only data.name=folder takes it (data.name={d.name})")
-    if d.normalize == "train":
-        raise ConfigError(f"data.normalize=train: only data.name=folder computes train statistics "
-                          f"(data.name={d.name}); choose auto, imagenet or none")
-
-
-def _validate_run(r: RunConfig) -> None:
-    """Run-folder, seed and checkpoint settings."""
-    if not r.name or "/" in r.name or "\\" in r.name or r.name in (".", ".."):
-        raise ConfigError(f"run.name: expected a non-empty name without path separators, got {r.name!r}")
-    if not r.dir and not r.out_dir:
-        raise ConfigError("run.out_dir: must not be empty when run.dir is empty")
-    if not 0 <= r.seed < 2**63:
-        raise ConfigError(f"run.seed: must be in [0, 2**63), got {r.seed}")
-    if r.checkpoint_every < 0:
-        raise ConfigError(f"run.checkpoint_every: must not be negative (0: end of epoch only), "
-                          f"got {r.checkpoint_every}")
-    if r.resume == "auto":
-        if not r.dir:
-            raise ConfigError("run.resume=auto needs run.dir: the folder to continue (a timestamped "
-                              "folder is new on every start)")
-        if r.overwrite:
-            raise ConfigError("run.resume=auto and run.overwrite=true contradict each other: "
-                              "choose one")
+    if i.mask_target == "weight" and i.mask != "binary_ste":
+        raise ConfigError(f"inner.mask_target=weight needs inner.mask=binary_ste, got {i.mask}")
+    if i.mask_generator and i.mask_target != "gradient":
+        raise ConfigError("inner.mask_generator works with inner.mask_target=gradient only")
+    if i.mask_generator and i.adapt == "head":
+        raise ConfigError("inner.mask_generator masks conv weights, but inner.adapt=head adapts "
+                          "none")
+    for key, limit in LIMITS.items():
+        if flat[key] > limit:
+            raise ConfigError(f"{key}: {flat[key]:,} is beyond any usable value (at most {limit:,})")
+    if max(m.widths) > MAX_WIDTH:
+        raise ConfigError(f"model.widths: {list(m.widths)} has a block wider than "
+                          f"{MAX_WIDTH:,} channels")

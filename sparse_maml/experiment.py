@@ -71,10 +71,9 @@ def device_memory(device: torch.device) -> int:
 def check_memory(config: Config, channels: int, image_size: int, device: torch.device) -> None:
     """Refuse (ConfigError) an image size whose meta-batch cannot fit in the device's memory.
 
-    The estimate is a lower bound: the float32 images of the larger of a meta-batch and an
-    evaluation batch, and the first block's two activation maps (convolution and batch norm),
-    each kept once; a real step needs several times more, so only a hopeless size is refused.
-    """
+    A lower bound: the float32 images of the larger of a meta-batch and an evaluation batch, and
+    the first block's two activation maps (convolution and batch norm), each kept once; a real step
+    needs several times more, so only a hopeless size is refused."""
     d = config.data
     per_task = d.num_ways * (d.num_shots + max(d.num_query, d.test_query))
     tasks = max(config.outer.meta_batch_size, config.train.eval_batch_size)
@@ -98,16 +97,13 @@ def build_experiment(config: Config, device: Optional[torch.device] = None) -> E
     image_size = config.data.image_size or train_split.native_size
     check_memory(config, train_split.channels, image_size, device)
     learner = build_meta_learner(config, train_split.channels, image_size).to(device)
-    outer = config.outer
-    theta_opt = OPTIMIZERS[outer.optimizer](learner.theta_parameters(), outer.lr, outer.momentum)
-    mask_params = learner.mask_parameters()
-    mask_opt = (OPTIMIZERS[outer.mask_optimizer](mask_params, outer.mask_lr, outer.momentum)
-                if mask_params else None)
+    o, mask_params = config.outer, learner.mask_parameters()
     return Experiment(
-        config=config, device=device, learner=learner, theta_optimizer=theta_opt,
-        mask_optimizer=mask_opt,
-        train_episodes=build_episodes(config.data, train_split, config.run.seed, config.data.augment,
-                                      device=device),
+        config=config, device=device, learner=learner,
+        theta_optimizer=OPTIMIZERS[o.optimizer](learner.theta_parameters(), o.lr, o.momentum),
+        mask_optimizer=(OPTIMIZERS[o.mask_optimizer](mask_params, o.mask_lr, o.momentum)
+                        if mask_params else None),
+        train_episodes=build_episodes(config.data, train_split, config.run.seed,
+                                      config.data.augment, device=device),
         val_episodes=build_episodes(config.data, val_split, EVAL_SEED, augment=False, device=device),
-        inputs=input_record(train_split, image_size),
-    )
+        inputs=input_record(train_split, image_size))

@@ -74,11 +74,6 @@ MASK_INITS: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
 }
 
 
-def init_phi(shape: torch.Size, kind: str, shift: float, step_size: float) -> torch.Tensor:
-    """A phi tensor initialised as the reference does (see InnerConfig.mask_init)."""
-    return MASK_INITS[kind](torch.empty(shape), shift, step_size)
-
-
 def sparsity(mask_value: torch.Tensor) -> float:
     """Fraction of entries that switch inner-loop learning off (mask 0, or learning rate <= 0)."""
     return (mask_value <= 0).float().mean().item()
@@ -96,8 +91,9 @@ class LearnedMask(nn.Module):
         super().__init__()
         self.names = list(shapes)
         self.function = MASK_FUNCTIONS[function]
-        self.phi = nn.ParameterDict(
-            {_key(n): nn.Parameter(init_phi(s, init, shift, step_size)) for n, s in shapes.items()})
+        self.phi = nn.ParameterDict({
+            _key(n): nn.Parameter(MASK_INITS[init](torch.empty(s), shift, step_size))
+            for n, s in shapes.items()})
 
     def forward(self) -> dict[str, torch.Tensor]:
         """parameter name -> mask value (same shape as the parameter)."""
@@ -127,9 +123,6 @@ class MaskGenerator(nn.Module):
     def forward(self, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """(tasks, features) noise -> parameter name -> (tasks, *shape) mask."""
         logits = self.logits(noise * self.noise_scale + self.noise_offset) + self.shift
-        masks, start = {}, 0
-        for name, shape in self.shapes.items():
-            size = shape.numel()
-            masks[name] = self.function.apply(logits[:, start:start + size]).reshape(-1, *shape)
-            start += size
-        return masks
+        chunks = logits.split([s.numel() for s in self.shapes.values()], dim=1)
+        return {name: self.function.apply(chunk).reshape(-1, *shape)
+                for (name, shape), chunk in zip(self.shapes.items(), chunks)}

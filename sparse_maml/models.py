@@ -9,7 +9,6 @@ as in MAML and the reference: that keeps a task's prediction a function of that 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import sys
 from collections import OrderedDict
@@ -47,17 +46,13 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int, num_ways: int, image_size: int,
                  widths: tuple[int, ...] = (64, 64, 64, 64)):
         super().__init__()
-        blocks, channels = {}, in_channels
-        for i, width in enumerate(widths, start=1):
-            blocks[f"block{i}"] = ConvBlock(channels, width)
-            channels = width
-        self.body = nn.Sequential(OrderedDict(blocks))
-        side = image_size
-        for _ in widths:
-            side //= 2
+        blocks = zip((in_channels, *widths), widths)
+        self.body = nn.Sequential(OrderedDict(
+            (f"block{k}", ConvBlock(*block)) for k, block in enumerate(blocks, start=1)))
+        side = image_size // 2 ** len(widths)
         if side < 1:
             raise ValueError(f"Conv4 needs images of at least 16 pixels, got {image_size}")
-        self.feature_size = channels * side * side  # 64*5*5 = 1600 for 84x84 inputs
+        self.feature_size = widths[-1] * side * side  # 64*5*5 = 1600 for 84x84 inputs
         self.head = nn.Linear(self.feature_size, num_ways)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,11 +77,10 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.leaky_relu(self.bn1(self.conv1(x)), LEAKY_SLOPE)
         out = F.leaky_relu(self.bn2(self.conv2(out)), LEAKY_SLOPE)
-        out = self.bn3(self.conv3(out))
-        out = F.leaky_relu(out + self.shortcut(x), LEAKY_SLOPE)
-        if self.pool_padding is not None:
-            out = F.max_pool2d(out, 2, stride=2, padding=self.pool_padding)
-        return out
+        out = F.leaky_relu(self.bn3(self.conv3(out)) + self.shortcut(x), LEAKY_SLOPE)
+        if self.pool_padding is None:
+            return out
+        return F.max_pool2d(out, 2, stride=2, padding=self.pool_padding)
 
 
 class ResNet12(nn.Module):
@@ -95,21 +89,17 @@ class ResNet12(nn.Module):
     def __init__(self, in_channels: int, num_ways: int, image_size: int,
                  widths: tuple[int, ...] = (64, 128, 256, 512)):
         super().__init__()
-        pool_paddings = (0, 0, 1, None)  # padding 1 after block 3 (21 -> 11), no pool after block 4
-        blocks, channels = [], in_channels
-        for width, padding in zip(widths, pool_paddings):
-            blocks.append(ResidualBlock(channels, width, padding))
-            channels = width
+        # Pool padding 1 after block 3 (21 -> 11), no pool after block 4.
+        blocks = zip((in_channels, *widths), widths, (0, 0, 1, None))
         self.body = nn.Sequential(OrderedDict(
-            [(f"block{i}", b) for i, b in enumerate(blocks, start=1)]
+            [(f"block{k}", ResidualBlock(*block)) for k, block in enumerate(blocks, start=1)]
             + [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]))
-        self.feature_size = channels
-        self.head = nn.Linear(channels, num_ways)
+        self.feature_size = widths[-1]
+        self.head = nn.Linear(self.feature_size, num_ways)
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.head.bias)  # the only bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -125,69 +115,19 @@ GENERATOR_MAX_WEIGHTS = 2**30
 
 def build_model(arch: str, in_channels: int, num_ways: int, image_size: int,
                 widths: tuple[int, ...]) -> nn.Module:
-    """Instantiate a registered backbone, or a `module:Class` one (checked by check_backbone)."""
-    if ":" in arch:
-        cls = load_backbone_class(arch)
-        try:
-            model = cls(in_channels=in_channels, num_ways=num_ways, image_size=image_size)
-        except Exception as err:  # the user's constructor may raise anything
-            raise ConfigError(f"model.arch={arch}: {cls.__name__}(in_channels={in_channels}, "
-                              f"num_ways={num_ways}, image_size={image_size}) failed: "
-                              f"{type(err).__name__}: {err}") from err
-        check_backbone(model, arch, in_channels, num_ways, image_size)
-        return model
-    if arch not in MODELS:
-        raise ValueError(f"model.arch must be one of {sorted(MODELS)}, got {arch!r}")
-    return MODELS[arch](in_channels, num_ways, image_size, tuple(widths))
-
-
-def _import_file(path: Path) -> object:
-    """Import a Python file as a module (once per resolved path)."""
-    resolved = path.resolve()
-    name = "sparse_maml_backbone_" + hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, resolved)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # before executing it, as `import` does (dataclasses need it)
+    """Instantiate a registered backbone, or a `module:Class` one, refused if it breaks the
+    contract every adaptation rule relies on."""
+    if ":" not in arch:
+        if arch not in MODELS:
+            raise ValueError(f"model.arch must be one of {sorted(MODELS)}, got {arch!r}")
+        return MODELS[arch](in_channels, num_ways, image_size, tuple(widths))
+    cls = load_backbone_class(arch)
     try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-def load_backbone_class(spec: str) -> type[nn.Module]:
-    """The class named by `module:Class` (an importable module) or `path/to/file.py:Class`."""
-    where, _, class_name = spec.rpartition(":")
-    if not where or not class_name:
-        raise ConfigError(f"model.arch={spec!r}: expected module:Class or path/to/file.py:Class")
-    try:
-        if where.endswith(".py"):
-            if not Path(where).is_file():
-                raise ConfigError(f"model.arch={spec}: file {Path(where).resolve()} does not exist")
-            module = _import_file(Path(where))
-        else:
-            module = importlib.import_module(where)
-    except ConfigError:
-        raise
-    except Exception as err:  # ImportError, or whatever the module raises while it runs
-        hint = "" if where.endswith(".py") else (" (is its folder on PYTHONPATH? or name the file: "
-                                                 "path/to/file.py:Class)")
-        raise ConfigError(f"model.arch={spec}: importing {where} failed: {type(err).__name__}: "
-                          f"{err}{hint}") from err
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise ConfigError(f"model.arch={spec}: {where} has no {class_name}")
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ConfigError(f"model.arch={spec}: {class_name} is not an nn.Module subclass")
-    return cls
-
-
-def check_backbone(model: nn.Module, arch: str, in_channels: int, num_ways: int,
-                   image_size: int) -> None:
-    """Refuse a backbone that breaks the contract every adaptation rule relies on."""
+        model = cls(in_channels=in_channels, num_ways=num_ways, image_size=image_size)
+    except Exception as err:  # the user's constructor may raise anything
+        raise ConfigError(f"model.arch={arch}: {cls.__name__}(in_channels={in_channels}, "
+                          f"num_ways={num_ways}, image_size={image_size}) failed: "
+                          f"{type(err).__name__}: {err}") from err
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear):
         raise ConfigError(f"model.arch={arch}: the model needs a `head` attribute that is an "
@@ -219,13 +159,55 @@ def check_backbone(model: nn.Module, arch: str, in_channels: int, num_ways: int,
                           f"batch must give (2, {num_ways}) logits, got {shape}")
     if not hasattr(model, "feature_size"):
         model.feature_size = head.in_features  # the features sparse-MAML+'s noise is sized by
+    return model
+
+
+def _import_file(path: Path) -> object:
+    """Import a Python file as a module (once per resolved path)."""
+    resolved = path.resolve()
+    name = "sparse_maml_backbone_" + hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before executing it, as `import` does (dataclasses need it)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def load_backbone_class(spec: str) -> type[nn.Module]:
+    """The class named by `module:Class` (an importable module) or `path/to/file.py:Class`."""
+    where, _, class_name = spec.rpartition(":")
+    if not where or not class_name:
+        raise ConfigError(f"model.arch={spec!r}: expected module:Class or path/to/file.py:Class")
+    is_file = where.endswith(".py")
+    try:
+        if is_file and not Path(where).is_file():
+            raise ConfigError(f"model.arch={spec}: file {Path(where).resolve()} does not exist")
+        module = _import_file(Path(where)) if is_file else importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as err:  # ImportError, or whatever the module raises while it runs
+        hint = "" if is_file else (" (is its folder on PYTHONPATH? or name the file: "
+                                   "path/to/file.py:Class)")
+        raise ConfigError(f"model.arch={spec}: importing {where} failed: {type(err).__name__}: "
+                          f"{err}{hint}") from err
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(f"model.arch={spec}: {where} has no {class_name}")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"model.arch={spec}: {class_name} is not an nn.Module subclass")
+    return cls
 
 
 def generator_size(model: nn.Module) -> int:
     """Weights of a dense sparse-MAML+ generator: a linear layer from the features to one logit per
     conv weight (with biases), plus the noise scale and offset."""
-    params = dict(model.named_parameters())
-    conv = sum(params[n].numel() for n in conv_weight_names(model))
+    conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
     return conv * (model.feature_size + 1) + 2 * model.feature_size
 
 
