@@ -30,18 +30,16 @@ from sparse_maml.data.imagenet import write_npy
 from sparse_maml.runtime import error_message
 
 
-def write_random_miniimagenet(root: Path, per_class: int, size: int = 84,
-                              classes: tuple[int, ...] = (10, 5, 5)) -> dict[str, Path]:
+def write_random_miniimagenet(root: Path, per_class: int, size: int = 84) -> dict[str, Path]:
     """A MiniImageNet of random JPEG pictures in three layouts; {layout: root}: csv (JPEG files
-    and a CSV per split), npy (the converted arrays the loader maps) and pickle (pixels in one
-    file per split, read into memory)."""
+    and a CSV per split), npy (the arrays the loader maps) and pickle (one file per split)."""
     rng = np.random.default_rng(0)
     roots = {layout: root / layout for layout in ("csv", "npy", "pickle")}
     for folder in roots.values():
         folder.mkdir(parents=True)
     (roots["csv"] / "images").mkdir()
     first = 0
-    for split, count in zip(("train", "val", "test"), classes):
+    for split, count in zip(("train", "val", "test"), (10, 5, 5)):
         names = [f"n{first + c:08d}" for c in range(count)]
         first += count
         lines, pixels = ["filename,label"], []
@@ -57,8 +55,8 @@ def write_random_miniimagenet(root: Path, per_class: int, size: int = 84,
                     per_image.append(np.asarray(decoded.convert("RGB")))
             pixels.append(np.stack(per_image))
         (roots["csv"] / f"{split}.csv").write_text("\n".join(lines) + "\n")
-        write_npy(roots["npy"], split, names, pixels, sum(len(p) for p in pixels), pixels[0].shape[1:])
         offsets = np.cumsum([0] + [len(p) for p in pixels])
+        write_npy(roots["npy"], split, names, pixels, int(offsets[-1]), pixels[0].shape[1:])
         with open(roots["pickle"] / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
             pickle.dump({"image_data": np.concatenate(pixels),
                          "class_dict": {n: list(range(offsets[k], offsets[k + 1]))
@@ -66,27 +64,29 @@ def write_random_miniimagenet(root: Path, per_class: int, size: int = 84,
     return roots
 
 
-def time_mode(cfg: DataConfig, split_name: str, tasks: int, batch: int, workers: int,
-              augment: bool, device: torch.device) -> tuple[float, float]:
-    """(seconds to set up, episodes per second) of one configuration, on a warm loader."""
+def time_mode(cfg: DataConfig, args: argparse.Namespace,
+              device: torch.device) -> tuple[float, float]:
+    """(seconds to set up, episodes per second) of one mode, on a warm loader: the device mode on
+    `device`, the lazy modes on the CPU with --workers."""
+    workers, device = (0, device) if cfg.on_device else (args.workers, torch.device("cpu"))
     start = time.perf_counter()
-    split = build_split(cfg, split_name)
-    episodes = build_episodes(cfg, split, seed=0, augment=augment, device=device)
+    split = build_split(cfg, args.split)
+    episodes = build_episodes(cfg, split, seed=0, augment=args.augment, device=device)
     setup = time.perf_counter() - start
-    pin = device.type == "cuda" and not cfg.on_device
-    for task in episode_loader(episodes, 0, batch, batch, 0):  # warm-up (caches, kernels)
+    for task in episode_loader(episodes, 0, args.batch, args.batch, 0):  # warm-up (caches, kernels)
         task.to(device)
     start = time.perf_counter()
-    for task in episode_loader(episodes, batch, tasks, batch, workers, pin_memory=pin):
-        task = task.to(device, non_blocking=pin)
+    for task in episode_loader(episodes, args.batch, args.tasks, args.batch, workers):
+        task.to(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return setup, tasks / (time.perf_counter() - start)
+    return setup, args.tasks / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="", help="a real MiniImageNet (any layout); default: generate")
+    parser.add_argument("--root", default="",
+                        help="a real MiniImageNet (any layout); default: generate")
     parser.add_argument("--split", default="train")
     parser.add_argument("--tasks", type=int, default=40, help="episodes timed per mode")
     parser.add_argument("--batch", type=int, default=4, help="episodes per loader batch")
@@ -103,20 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.root:
             modes = {"disk/memory (as found)": dataclasses.replace(base, root=args.root)}
-            modes["device"] = dataclasses.replace(base, root=args.root, on_device=True)
         else:
             roots = write_random_miniimagenet(Path(tmp), per_class=args.shots + args.query + 4)
-            modes = {}
-            for name, layout in (("disk-jpeg", "csv"), ("disk-npy", "npy"), ("memory", "pickle")):
-                modes[name] = dataclasses.replace(base, root=str(roots[layout]), layout=layout)
-            modes["device"] = dataclasses.replace(modes["memory"], on_device=True)
+            modes = {name: dataclasses.replace(base, root=str(roots[layout]), layout=layout)
+                     for name, layout in (("disk-jpeg", "csv"), ("disk-npy", "npy"),
+                                          ("memory", "pickle"))}
+        # the device mode reads what the last mode reads (the split in memory, with no --root)
+        modes["device"] = dataclasses.replace(list(modes.values())[-1], on_device=True)
         print(f"{args.ways}-way {args.shots}-shot {args.query}-query, batches of {args.batch}, "
               f"{args.workers} workers, augment={args.augment}, device mode on {device}")
         for name, cfg in modes.items():
             try:
-                setup, rate = time_mode(cfg, args.split, args.tasks, args.batch,
-                                        0 if cfg.on_device else args.workers, args.augment,
-                                        device if cfg.on_device else torch.device("cpu"))
+                setup, rate = time_mode(cfg, args, device)
             except DataError as err:  # --root holds a missing, corrupt or refused dataset
                 print(f"error: {error_message(err)}", file=sys.stderr)
                 return 1

@@ -3,24 +3,16 @@
     python utils/collect_results.py runs/                       # every run folder under runs/
     python utils/collect_results.py runs/a runs/b --out results/
 
-Each run is identified from its config.yaml (method from inner.*, model.arch, data.num_shots),
-never from its folder name. Runs whose configs agree on everything but run.* (seed, name, folder)
-and housekeeping keys are seeds of one cell: one seed gives "mean ± 95% CI" over its test tasks,
-several give "mean ± std over seeds (n=K)". Runs of one cell that differ in anything else (a sweep
-over inner.step_size, say) stay separate rows, labelled by the keys that differ. Test records of
-another dataset than the training one (tieredImageNet, CUB, Cars after MiniImageNet training)
-become cross-domain rows. Writes results.md and results.csv into --out (default: the common parent
-folder of the runs found) and prints the Markdown table.
-
-Published numbers (configs/paper_results.yaml) appear only beside runs whose run.protocol is the
-protocol that produced the number; a baseline run under another protocol is shown as a
-same-protocol run with no published number.
-
-Which test record counts (the same rule in utils/plot_sparsity.py): per run and test dataset, the
-test-split records made either by train.py or by test.py with overrides that leave the experiment
-unchanged (the data location, the number of test tasks, the evaluation batch size, or a key set to
-the value it already has); of those, the one with the most test tasks, the latest on a tie. Every
-record left out, and every row that pools several runs as seeds, is reported on stderr.
+Cells come from each run's config.yaml (method from inner.*, model.arch, data.num_shots), never
+from its folder name. Runs that differ only in run.* and housekeeping keys are seeds of one cell:
+one seed gives "mean ± 95% CI" over its test tasks, several "mean ± std over seeds (n=K)". Runs
+that differ in anything else (a sweep) stay separate rows, labelled by the keys that differ; test
+records on another dataset than the training one become cross-domain rows. Published numbers
+(configs/paper_results.yaml) appear only beside runs of the run.protocol that produced them.
+Writes results.md and results.csv into --out (default: the common parent folder of the runs) and
+prints the table. Which test record counts (the same rule in utils/plot_sparsity.py): see
+docs/reproducing.md, "The results table"; every record left out, and every row that pools runs as
+seeds, is reported on stderr.
 """
 
 from __future__ import annotations
@@ -31,15 +23,13 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
 from sparse_maml.config import parse_yaml
-from sparse_maml import results
-from sparse_maml.results import (ARCH_LABELS, PROTOCOL_NONE, Run, default_out, find_runs, label,
+from sparse_maml.results import (ARCH_LABELS, METHOD_LABELS, Run, default_out, find_runs, label,
                                  report_left_out, warn)
 
 PAPER_FILE = Path(__file__).resolve().parents[1] / "configs" / "paper_results.yaml"
@@ -56,11 +46,12 @@ class Published:
     value: float
     protocol: str
     source: str
-    earlier: Optional["Published"] = None  # an earlier published version of the same number
+    earlier: Published | None = None  # an earlier published version of the same number
 
 
-def load_paper(path: Path = PAPER_FILE) -> dict[tuple[str, str, int], Published]:
-    """(method, arch, shots) -> the published number (MiniImageNet, 5-way, %)."""
+def load_paper(path: Path) -> tuple[dict[tuple[str, str, int], Published], dict[str, str]]:
+    """(method, arch, shots) -> the published number (MiniImageNet, 5-way, %), and protocol
+    label -> its readable name (`protocols`)."""
     tree = parse_yaml(path.read_text(encoding="utf-8"))
     found = {}
     for method, archs in tree["accuracy"].items():
@@ -77,13 +68,7 @@ def load_paper(path: Path = PAPER_FILE) -> dict[tuple[str, str, int], Published]
                 except (AttributeError, KeyError, TypeError) as err:
                     raise ValueError(f"{path}: accuracy.{method}.{arch}.{k} needs value, protocol and "
                                      f"source, got {entry!r}") from err
-    return found
-
-
-def load_protocol_names(path: Path = PAPER_FILE) -> dict[str, str]:
-    """Protocol label -> its readable name (configs/paper_results.yaml, `protocols`)."""
-    tree = parse_yaml(path.read_text(encoding="utf-8"))
-    return {k: v["name"] for k, v in (tree.get("protocols") or {}).items()}
+    return found, {k: v["name"] for k, v in (tree.get("protocols") or {}).items()}
 
 
 @dataclass
@@ -100,18 +85,21 @@ class Row:
     accuracies: list[float]  # one per seed, in %
     ci95: list[float]  # per seed, in %
     num_tasks: list[int]
-    runs: list[str] = field(default_factory=list)
-    protocol: str = PROTOCOL_NONE
-    published: Published | None = None  # the cell's published number, whatever its protocol
+    runs: list[str]
+    protocol: str
+    published: Published | None  # the cell's published number, whatever its protocol
+
+    @property
+    def cross_domain(self) -> bool:
+        return self.dataset != self.train_dataset
 
     @property
     def paper(self) -> float | None:
-        """The published number, only where this row reproduces it: same protocol, MiniImageNet
-        5-way, tested on the training dataset."""
+        """The published number if this row reproduces it (same protocol, in-domain, MiniImageNet
+        5-way)."""
         p = self.published
-        if p is None or p.protocol != self.protocol or self.cross_domain:
-            return None
-        return p.value if self.train_dataset == PAPER_DATASET and self.ways == 5 else None
+        same = p is not None and p.protocol == self.protocol and not self.cross_domain
+        return p.value if same and self.train_dataset == PAPER_DATASET and self.ways == 5 else None
 
     def paper_text(self) -> str:
         """The paper column: the number, or why there is none."""
@@ -120,10 +108,9 @@ class Row:
             return "–"
         if p.protocol != self.protocol:
             return f"none under this protocol ({p.value:.2f} is {p.protocol}'s)"
-        earlier = f" (first README: {p.earlier.value:.2f})" if p.earlier else ""
         if self.paper is None:  # e.g. a debug run on synthetic data
             return f"not comparable: {p.value:.2f} is miniimagenet 5-way"
-        return f"{p.value:.2f}{earlier}"
+        return f"{p.value:.2f}" + (f" (first README: {p.earlier.value:.2f})" if p.earlier else "")
 
     @property
     def mean(self) -> float:
@@ -132,18 +119,11 @@ class Row:
     @property
     def spread(self) -> float:
         """95% CI over test tasks (one seed) or std over seeds (several)."""
-        if len(self.accuracies) == 1:
-            return self.ci95[0]
-        return statistics.stdev(self.accuracies)
+        return self.ci95[0] if len(self.accuracies) == 1 else statistics.stdev(self.accuracies)
 
     def result_text(self) -> str:
-        if len(self.accuracies) == 1:
-            return f"{self.mean:.2f} ± {self.spread:.2f}"
-        return f"{self.mean:.2f} ± {self.spread:.2f} (std, n={len(self.accuracies)})"
-
-    @property
-    def cross_domain(self) -> bool:
-        return self.dataset != self.train_dataset
+        text = f"{self.mean:.2f} ± {self.spread:.2f}"
+        return text if len(self.accuracies) == 1 else f"{text} (std, n={len(self.accuracies)})"
 
 
 def build_rows(runs: list[Run], paper: dict[tuple[str, str, int], Published]) -> list[Row]:
@@ -153,18 +133,17 @@ def build_rows(runs: list[Run], paper: dict[tuple[str, str, int], Published]) ->
         if run.test_results():
             groups.setdefault(run.cell, {}).setdefault(run.fingerprint(), []).append(run)
     rows = []
-    for cell, variants in groups.items():
-        method, arch, ways, shots, train_dataset, protocol = cell
+    for (method, arch, ways, shots, train_dataset, protocol), variants in groups.items():
         labels = variant_labels(variants)
         for fingerprint, members in variants.items():
             seeds = [run.cfg["run.seed"] for run in members]
+            paths = ", ".join(str(r.path) for r in members)
             if len(set(seeds)) < len(seeds):
-                warn(f"runs with the same config and run.seed are counted as separate "
-                     f"seeds: {', '.join(str(r.path) for r in members)}")
+                warn("runs with the same config and run.seed are counted as separate seeds: "
+                     + paths)
             elif len(members) > 1:
                 warn(f"{len(members)} runs pooled as seeds {sorted(seeds)} of one row "
-                     f"({label(method)} {arch} {shots}-shot, {protocol}): "
-                     f"{', '.join(str(r.path) for r in members)}")
+                     f"({label(method)} {arch} {shots}-shot, {protocol}): {paths}")
             per_dataset: dict[str, list[tuple[Run, dict]]] = {}
             for run in members:
                 for dataset, record in run.test_results().items():
@@ -192,7 +171,7 @@ def variant_labels(variants: dict[tuple, list[Run]]) -> dict[tuple, str]:
 
 
 def sort_key(row: Row) -> tuple:
-    methods = list(results.METHOD_LABELS)
+    methods = list(METHOD_LABELS)
     method_rank = methods.index(row.method) if row.method in methods else len(methods)
     return (row.train_dataset, row.arch != "conv4", row.arch, -row.shots, row.cross_domain,
             row.dataset, method_rank, row.method, row.protocol != "reference", row.protocol,
@@ -203,10 +182,9 @@ COLUMNS = ["method", "arch", "shots", "protocol", "trained on", "tested on", "va
            "accuracy (%)", "paper (%)", "seeds", "test tasks"]
 
 
-def markdown(rows: list[Row], protocols: dict[str, str] | None = None) -> str:
-    """The full table, then the paper-style grids (settings x methods) of the in-domain cells.
-    The published numbers are MiniImageNet's: their column and grids appear only when some run
-    was trained on MiniImageNet."""
+def markdown(rows: list[Row], protocols: dict[str, str]) -> str:
+    """The full table, then the paper-style grids (settings x methods) of the in-domain cells; the
+    published numbers (MiniImageNet's) only when some run was trained on MiniImageNet."""
     with_paper = any(r.train_dataset == PAPER_DATASET for r in rows)
     columns = [c for c in COLUMNS if with_paper or c != "paper (%)"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -214,11 +192,10 @@ def markdown(rows: list[Row], protocols: dict[str, str] | None = None) -> str:
         tested = r.dataset + (" (cross-domain)" if r.cross_domain else "")
         lines.append("| " + " | ".join([
             label(r.method), ARCH_LABELS.get(r.arch, r.arch), f"{r.ways}-way {r.shots}-shot",
-            r.protocol, r.train_dataset, tested, r.variant or "", r.result_text(),
+            r.protocol, r.train_dataset, tested, r.variant, r.result_text(),
             *([r.paper_text()] if with_paper else []),
             str(len(r.accuracies)), "/".join(sorted({str(n) for n in r.num_tasks})),
         ]) + " |")
-    used = sorted({r.protocol for r in rows} & set(protocols or {}))
     text = "\n".join(lines) + "\n\n" + (
         "Accuracy: mean ± 95% confidence interval over the test tasks (one seed), or mean ± standard "
         "deviation over seeds (n seeds).")
@@ -226,6 +203,7 @@ def markdown(rows: list[Row], protocols: dict[str, str] | None = None) -> str:
              "intervals), shown only beside runs of the protocol that produced it; \"none under this "
              "protocol\" marks a same-protocol run with no published number.\n" if with_paper else
              " No run was trained on MiniImageNet, so no published number is shown.\n")
+    used = sorted({r.protocol for r in rows} & set(protocols))
     if used:
         text += "Protocols: " + "; ".join(f"{p} = {protocols[p]}" for p in used) + ".\n"
     if not with_paper:
@@ -238,27 +216,24 @@ def markdown(rows: list[Row], protocols: dict[str, str] | None = None) -> str:
 
 
 def paper_grid(rows: list[Row], title: str, keep) -> str:
-    """The layout of the paper's table, per training dataset: one line per (shots, arch), one
-    column per method, "ours (paper)" in each cell (5-way, in-domain, unlabelled variants, rows
-    for which keep(row) holds)."""
+    """The paper's table per training dataset: a line per (shots, arch), a column per method,
+    "ours (paper)" in each cell (5-way, in-domain, unlabelled variants, rows where keep(row))."""
     grids = []
     for dataset in sorted({r.train_dataset for r in rows}):
         cells = {(r.shots, r.arch, r.method): r for r in rows if r.train_dataset == dataset
                  and not r.cross_domain and not r.variant and r.ways == 5 and keep(r)}
         if not cells:
             continue
-        methods = [m for m in results.METHOD_LABELS if any(k[2] == m for k in cells)]
+        methods = [m for m in METHOD_LABELS if any(k[2] == m for k in cells)]
         methods += sorted({k[2] for k in cells} - set(methods))
         settings = sorted({(k[0], k[1]) for k in cells}, key=lambda s: (s[1] != "conv4", s[1], -s[0]))
         lines = [f"In the paper's layout, {title} (trained and tested on {dataset}; ours (paper)):",
                  "", "| setting | " + " | ".join(label(m) for m in methods) + " |",
                  "|---|" + "---|" * len(methods)]
         for shots, arch in settings:
-            out = []
-            for m in methods:
-                r = cells.get((shots, arch, m))
-                paper = "" if r is None else f" ({'–' if r.paper is None else f'{r.paper:.2f}'})"
-                out.append("" if r is None else r.result_text() + paper)
+            found = [cells.get((shots, arch, m)) for m in methods]
+            out = ["" if r is None else f"{r.result_text()} ("
+                   + ("–" if r.paper is None else f"{r.paper:.2f}") + ")" for r in found]
             lines.append(f"| {shots}-shot, {ARCH_LABELS.get(arch, arch)} | " + " | ".join(out) + " |")
         grids.append("\n".join(lines) + "\n")
     return "\n".join(grids)
@@ -277,17 +252,13 @@ def write_csv(rows: list[Row], path: Path) -> None:
         for r in rows:
             single = len(r.accuracies) == 1
             writer.writerow({
-                "method": r.method, "arch": r.arch, "ways": r.ways, "shots": r.shots,
-                "protocol": r.protocol,
-                "train_dataset": r.train_dataset, "dataset": r.dataset,
-                "cross_domain": r.cross_domain, "variant": r.variant,
+                **{k: getattr(r, k) for k in CSV_FIELDS[:CSV_FIELDS.index("accuracy")]},
                 "accuracy": f"{r.mean:.4f}", "ci95": f"{r.ci95[0]:.4f}" if single else "",
                 "std": "" if single else f"{r.spread:.4f}", "num_seeds": len(r.accuracies),
                 "num_tasks": ";".join(map(str, r.num_tasks)),
                 "paper": "" if r.paper is None else f"{r.paper:.2f}",
                 "paper_note": "" if r.paper is not None else r.paper_text().replace("–", ""),
-                "runs": ";".join(r.runs),
-            })
+                "runs": ";".join(r.runs)})
 
 
 def check_ours(out: Path) -> None:
@@ -311,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.runs)
-        paper = load_paper(Path(args.paper))
+        paper, protocols = load_paper(Path(args.paper))
     except (OSError, ValueError, yaml.YAMLError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -325,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: none of the runs has a test result yet", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else default_out(runs)
-    text = markdown(rows, load_protocol_names(Path(args.paper)))
+    text = markdown(rows, protocols)
     try:
         out.mkdir(parents=True, exist_ok=True)
         check_ours(out)

@@ -5,24 +5,16 @@
     python utils/plot_sparsity.py runs/x --layers all                   # every masked tensor
     python utils/plot_sparsity.py --sweep runs/robustness --key inner.step_size   # runs below it
 
-Per run (into the run folder, or --out), each in every --format (default png,pdf):
-- sparsity_over_training: mask sparsity per epoch, with the mean over all masked entries.
-  --layers conv (default): one line per conv weight, or per block when there are more than eight
-  (ResNet-12), weighted by the number of entries; blocks: always per block (and the head);
-  all: every masked tensor, biases and BatchNorm included (their few entries make jumpy lines);
-- sparsity_final: sparsity per tensor of the tested (best-validation) masks, as bars;
-- accuracy: meta-training query accuracy per epoch, validation accuracy with its 95% interval,
-  and the test accuracy of the best checkpoint; the y-axis is fitted to the data.
-Runs without a mask (MAML, ANIL, BOIL) get the accuracy figure only. The test record shown is the
-one utils/collect_results.py counts (see its docstring); records left out are reported on stderr.
+Per run (into the run folder, or --out), in every --format: sparsity_over_training (mask sparsity
+per epoch, per --layers line and over all masked entries), sparsity_final (per tensor, of the
+tested masks) and accuracy (training, validation with its 95% interval, and the test record that
+utils/collect_results.py counts). Runs without a mask (MAML, ANIL, BOIL) get accuracy only.
 
---sweep: test accuracy against a config key (inner.step_size, inner.steps, ...) for runs that
-differ in that key, one line per method/architecture/shots/protocol and per setting of any other
-key that differs (named in the legend, never merged), with 95% intervals: over the test tasks
-(one seed) or over the seeds (Student t, two or more): the paper's claim that sparse-MAML is
-robust to the inner step size and step count. Lines differ in dash and marker as well as colour
-(readable in greyscale), and are shifted sideways a little so that their intervals do not overlap.
-Written as sweep_<key>.<format> into --out (default: the common parent folder of the runs).
+--sweep: test accuracy against a config key, one line per method/architecture/shots/protocol and
+per setting of any other key that differs (named in the legend, never merged), with 95% intervals
+over the test tasks (one seed) or over the seeds (Student t); written as sweep_<key>.<format> into
+--out (default: the common parent folder of the runs). Details: docs/reproducing.md, "Figures" and
+"The robustness claim".
 """
 
 from __future__ import annotations
@@ -33,23 +25,20 @@ import statistics
 import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import ScaledTranslation
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from matplotlib.transforms import ScaledTranslation  # noqa: E402
-from scipy import stats  # noqa: E402
+from sparse_maml.config import SEED_POOLED, is_custom_arch
+from sparse_maml.models import build_model, conv_weight_names
+from sparse_maml.results import (ARCH_LABELS, PROTOCOL_NONE, Run, default_out, find_runs, label,
+                                 method_of, report_left_out, warn)
 
-import torch  # noqa: E402
-
-from sparse_maml.config import SEED_POOLED, is_custom_arch  # noqa: E402
-from sparse_maml.models import build_model, conv_weight_names  # noqa: E402
-from sparse_maml.results import (ARCH_LABELS, PROTOCOL_NONE, Run, default_out, find_runs,  # noqa: E402
-                                 label, method_of, report_left_out, warn)
+plt.switch_backend("Agg")  # files only, never a window
 
 FORMATS = ("png", "pdf", "svg")
-LAYER_VIEWS = ("conv", "blocks", "all")
 MAX_LINES = 8  # more conv weights than this are drawn per block
 # Distinguishable in colour, dash pattern and marker, and in greyscale print.
 COLOURS = plt.cm.tab10.colors
@@ -57,34 +46,26 @@ DASHES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def line_style(i: int) -> dict:
-    """Colour, dash and marker of line i: no two of the first 40 lines look alike."""
-    return {"color": COLOURS[i % len(COLOURS)], "ls": DASHES[(i // len(COLOURS)) % len(DASHES)],
-            "marker": MARKERS[i % len(MARKERS)]}
-
-
-def sweep_style(i: int) -> dict:
-    """Line i of a sweep figure: dash and marker change with every line (greyscale print keeps
-    the first four apart by dash alone, the first eight by marker), colour as well."""
-    return {"color": COLOURS[i % len(COLOURS)], "ls": DASHES[i % len(DASHES)],
-            "marker": MARKERS[i % len(MARKERS)], "mfc": "white" if i % 2 else None}
+def line_style(i: int, sweep: bool = False) -> dict:
+    """Line i: no two of the first 40 look alike; a sweep's change dash and marker every line (in
+    greyscale the first four differ by dash, the first eight by marker), every other one hollow."""
+    dash = DASHES[(i if sweep else i // len(COLOURS)) % len(DASHES)]
+    style = {"color": COLOURS[i % len(COLOURS)], "ls": dash, "marker": MARKERS[i % len(MARKERS)]}
+    return {**style, "mfc": "white" if i % 2 else None} if sweep else style
 
 
 def save(fig, stem: Path, formats: tuple[str, ...]) -> list[Path]:
     """Write the figure once per format (PNG at 150 dpi; PDF and SVG are vector)."""
-    paths = []
-    for fmt in formats:
-        path = stem.with_suffix(f".{fmt}")
+    paths = [stem.with_suffix(f".{fmt}") for fmt in formats]
+    for path in paths:
         fig.savefig(path, dpi=150, bbox_inches="tight")
-        paths.append(path)
     plt.close(fig)
     return paths
 
 
 def tensor_sizes(run: Run) -> dict[str, tuple[int, bool]]:
-    """Parameter name -> (number of entries, is a conv weight), from the model the config builds
-    (on the meta device: nothing is allocated). Empty for a backbone of your own: building it would
-    import the code the run folder names."""
+    """Parameter name -> (entries, is a conv weight) of the model the config builds, on the meta
+    device; {} for a backbone of your own (building it would import the code the run names)."""
     c = run.cfg
     if is_custom_arch(c["model.arch"]):
         return {}
@@ -108,32 +89,26 @@ def sparsity_series(run: Run, train: list[dict], view: str) -> dict[str, list[fl
     if unknown and sizes:  # a config that no longer builds the logged model: show what was logged
         warn(f"{run.path}: masked tensors {', '.join(unknown)} are not in the model its config "
              "builds; drawing every logged tensor")
+    conv = [n for n in names if n in sizes and sizes[n][1]]
     if unknown:
         view = "all"
-    conv = [n for n in names if n in sizes and sizes[n][1]]
-    if view == "conv" and (len(conv) > MAX_LINES or not conv):
+    elif view == "conv" and (len(conv) > MAX_LINES or not conv):
         view = "blocks"
-    if view == "all":
-        groups = {n: [n] for n in names}
-    elif view == "conv":
-        groups = {n: [n] for n in conv}
-    else:  # blocks: conv weights of each block, entry-weighted, and the head's weight
+    if view == "blocks":  # conv weights of each block, entry-weighted, and the head's weight
         groups = {}
         for n in names:
             if sizes[n][1] or (n.startswith("head.") and n.endswith("weight")):
                 groups.setdefault(block_of(n), []).append(n)
+    else:
+        groups = {n: [n] for n in (names if view == "all" else conv)}
     series = {}
     for group, members in groups.items():
         weights = [sizes[n][0] if n in sizes else 1 for n in members]
-        values = []
-        for record in train:
-            layer = record["layer_sparsity"]
-            if all(n in layer for n in members):
-                values.append(100 * sum(layer[n] * w for n, w in zip(members, weights)) / sum(weights))
-            else:
-                values.append(math.nan)
         label_text = group if len(members) == 1 else f"{group} ({len(members)} conv weights)"
-        series[label_text] = values
+        series[label_text] = [
+            100 * sum(layer[n] * w for n, w in zip(members, weights)) / sum(weights)
+            if all(n in layer for n in members) else math.nan
+            for layer in (record["layer_sparsity"] for record in train)]
     return series
 
 
@@ -147,28 +122,18 @@ def records(run: Run, kind: str) -> list[dict]:
     return [r for r in run.records if r.get("kind") == kind]
 
 
-def final_sparsity(run: Run) -> dict[str, float]:
-    """Per-tensor sparsity of the tested checkpoint, else of the last training epoch."""
-    for record in reversed(records(run, "test")):
-        if record.get("sparsity"):
-            return {k: v for k, v in record["sparsity"].items() if k != "mean"}
-    train = [r for r in records(run, "train") if r.get("layer_sparsity")]
-    return dict(train[-1]["layer_sparsity"]) if train else {}
-
-
 def plot_sparsity_over_training(run: Run, stem: Path, formats: tuple[str, ...],
-                                view: str = "conv") -> list[Path]:
+                                view: str) -> list[Path]:
     """Sparsity per epoch of the chosen tensors and of all masked entries. [] if no mask."""
     train = [r for r in records(run, "train") if r.get("layer_sparsity")]
     if not train:
         return []
     epochs = [r["epoch"] for r in train]
     series = sparsity_series(run, train, view)
-    mark = len(epochs) <= 30
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, (name, values) in enumerate(series.items()):
         style = line_style(i)
-        if not mark:
+        if len(epochs) > 30:
             style["marker"] = None
         ax.plot(epochs, values, lw=1.6, ms=4, markevery=max(1, len(epochs) // 15), label=name,
                 **style)
@@ -184,8 +149,12 @@ def plot_sparsity_over_training(run: Run, stem: Path, formats: tuple[str, ...],
 
 
 def plot_final_sparsity(run: Run, stem: Path, formats: tuple[str, ...]) -> list[Path]:
-    """Bars: sparsity per masked tensor, input side first, one colour per block. [] if no mask."""
-    sparsity = final_sparsity(run)
+    """Bars: sparsity per masked tensor of the tested checkpoint (else of the last training
+    epoch), input side first, one colour per block. [] if no mask."""
+    tested = [r["sparsity"] for r in records(run, "test") if r.get("sparsity")]
+    train = [r for r in records(run, "train") if r.get("layer_sparsity")]
+    sparsity = ({k: v for k, v in tested[-1].items() if k != "mean"} if tested
+                else dict(train[-1]["layer_sparsity"]) if train else {})
     if not sparsity:
         return []
     names = list(sparsity)
@@ -200,13 +169,13 @@ def plot_final_sparsity(run: Run, stem: Path, formats: tuple[str, ...]) -> list[
     return save(fig, stem, formats)
 
 
-def fitted_limits(values: list[float], pad: float = 0.08) -> tuple[float, float]:
+def fitted_limits(values: list[float]) -> tuple[float, float]:
     """An accuracy axis around the data (within 0-100), with a margin."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return 0.0, 100.0
     low, high = min(finite), max(finite)
-    margin = max(1.0, pad * (high - low))
+    margin = max(1.0, 0.08 * (high - low))
     return max(0.0, low - margin), min(100.0, high + margin)
 
 
@@ -227,10 +196,10 @@ def plot_accuracy(run: Run, stem: Path, formats: tuple[str, ...]) -> list[Path]:
         x = [r["epoch"] for r in val]
         y = [100 * r["accuracy"] for r in val]
         ci = [100 * r.get("ci95", 0.0) for r in val]
-        shown += [a - c for a, c in zip(y, ci)] + [a + c for a, c in zip(y, ci)]
+        low, high = [a - c for a, c in zip(y, ci)], [a + c for a, c in zip(y, ci)]
+        shown += low + high
         ax.plot(x, y, label="validation (95% CI band)", color="tab:orange", marker="o", ms=3)
-        ax.fill_between(x, [a - c for a, c in zip(y, ci)], [a + c for a, c in zip(y, ci)],
-                        color="tab:orange", alpha=0.2)
+        ax.fill_between(x, low, high, color="tab:orange", alpha=0.2)
         best = [r for r in val if r.get("best")]
         if best:
             ax.axvline(best[-1]["epoch"], color="tab:orange", ls=":", lw=1,
@@ -250,8 +219,7 @@ def plot_accuracy(run: Run, stem: Path, formats: tuple[str, ...]) -> list[Path]:
     return save(fig, stem, formats)
 
 
-def plot_run(run: Run, out: Path, formats: tuple[str, ...] = ("png", "pdf"),
-             view: str = "conv") -> list[Path]:
+def plot_run(run: Run, out: Path, formats: tuple[str, ...], view: str) -> list[Path]:
     """All per-run figures of one run into `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     return (plot_sparsity_over_training(run, out / "sparsity_over_training", formats, view)
@@ -260,51 +228,41 @@ def plot_run(run: Run, out: Path, formats: tuple[str, ...] = ("png", "pdf"),
 
 
 def sweep_points(runs: list[Run], key: str) -> dict[str, dict[float, list[tuple[float, float]]]]:
-    """Series label -> key value -> [(test accuracy %, ci95 %) per seed].
-
-    Runs are in one series only when their configs agree on everything but `key`, the seed and
-    housekeeping keys; series that share a method/arch/shots label are told apart by the keys in
-    which they differ. Pooled seeds and runs left out are reported on stderr.
-    """
+    """Series label -> key value -> [(test accuracy %, ci95 %) per seed]. A series holds runs whose
+    configs agree on all but `key` and SEED_POOLED keys; namesakes are told apart by the keys that
+    differ. Pooled seeds and runs left out are reported on stderr."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        if key not in run.cfg:
+        c = run.cfg
+        if key not in c:
             raise KeyError(f"{run.path}: config has no key {key!r}")
-        if run.test_results().get(run.cfg["data.name"]) is None:
-            warn(f"{run.path} has no test result on {run.cfg['data.name']}; left out of the sweep")
+        if run.test_results().get(c["data.name"]) is None:
+            warn(f"{run.path} has no test result on {c['data.name']}; left out of the sweep")
             continue
-        rest = tuple(sorted((k, repr(v)) for k, v in run.cfg.items()
-                            if k != key and k not in SEED_POOLED))
-        groups.setdefault((run.cell, run.protocol, rest), []).append(run)
-    by_name: dict[str, list[tuple]] = {}
-    for group in groups:
-        c = groups[group][0].cfg
         name = (f"{label(method_of(c))}, {ARCH_LABELS.get(c['model.arch'], c['model.arch'])}, "
                 f"{c['data.num_shots']}-shot")
-        if group[1] not in ("reference", PROTOCOL_NONE):
-            name += f" ({group[1]})"
-        by_name.setdefault(name, []).append(group)
+        if run.protocol not in ("reference", PROTOCOL_NONE):
+            name += f" ({run.protocol})"
+        rest = tuple(sorted((k, repr(v)) for k, v in c.items()
+                            if k != key and k not in SEED_POOLED))
+        groups.setdefault((name, run.cell, rest), []).append(run)
     series: dict[str, dict[float, list[tuple[float, float]]]] = {}
-    for name, members in by_name.items():
-        for group in members:
-            settings = dict(group[2])
-            if len(members) > 1:  # name the keys in which this series differs from its namesakes
-                differing = sorted(k for k in settings
-                                   if len({dict(g[2]).get(k) for g in members}) > 1)
-                full = f"{name}, " + ", ".join(f"{k}={settings[k]}" for k in differing)
-            else:
-                full = name
-            points = series.setdefault(full, {})
-            for run in groups[group]:
-                r = run.test_results()[run.cfg["data.name"]]
-                points.setdefault(float(run.cfg[key]), []).append(
-                    (100 * r["accuracy"], 100 * r.get("ci95", 0.0)))
-            for value, found in points.items():
-                if len(found) > 1:
-                    seeds = sorted(run.cfg["run.seed"] for run in groups[group]
-                                   if float(run.cfg[key]) == value)
-                    warn(f"sweep point {full}, {key}={value:g}: {len(found)} runs pooled as seeds "
-                         f"{seeds} (mean ± 95% interval over the seeds)")
+    for (name, _, rest), members in groups.items():
+        namesakes = [dict(g[2]) for g in groups if g[0] == name]
+        if len(namesakes) > 1:  # name the keys in which this series differs from its namesakes
+            name += ", " + ", ".join(f"{k}={v}" for k, v in rest
+                                     if len({n.get(k) for n in namesakes}) > 1)
+        by_value: dict[float, list[Run]] = {}
+        for run in members:
+            by_value.setdefault(float(run.cfg[key]), []).append(run)
+        for value, pooled in by_value.items():
+            found = [run.test_results()[run.cfg["data.name"]] for run in pooled]
+            series.setdefault(name, {}).setdefault(value, []).extend(
+                (100 * r["accuracy"], 100 * r.get("ci95", 0.0)) for r in found)
+            if len(pooled) > 1:
+                warn(f"sweep point {name}, {key}={value:g}: {len(pooled)} runs pooled as seeds "
+                     f"{sorted(run.cfg['run.seed'] for run in pooled)} (mean ± 95% interval over "
+                     "the seeds)")
     return series
 
 
@@ -318,10 +276,8 @@ def point_interval(found: list[tuple[float, float]]) -> tuple[float, float]:
             stats.t.ppf(0.975, len(accs) - 1) * statistics.stdev(accs) / math.sqrt(len(accs)))
 
 
-def plot_sweep(runs: list[Run], key: str, stem: Path,
-               formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
-    """Test accuracy against the swept key, one line per series (see sweep_points), with 95%
-    intervals (see point_interval)."""
+def plot_sweep(runs: list[Run], key: str, stem: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Test accuracy against the swept key: a line per sweep_points series, point_interval bars."""
     series = sweep_points(runs, key)
     if not series:
         raise ValueError("no run of the sweep has a test result")
@@ -336,7 +292,7 @@ def plot_sweep(runs: list[Run], key: str, stem: Path,
         # Shifted sideways by a few points (on a log axis as well) so intervals stay apart.
         shift = ScaledTranslation((i - (len(series) - 1) / 2) * 4 / 72, 0, fig.dpi_scale_trans)
         ax.errorbar(xs, ys, yerr=errs, capsize=3, lw=1.6, ms=6, label=name,
-                    transform=ax.transData + shift, **sweep_style(i))
+                    transform=ax.transData + shift, **line_style(i, sweep=True))
     values = sorted({x for p in series.values() for x in p})
     if len(values) > 2 and values[0] > 0 and values[-1] / values[0] >= 10:
         ax.set_xscale("log")
@@ -357,8 +313,7 @@ def plot_sweep(runs: list[Run], key: str, stem: Path,
 def parse_formats(text: str) -> tuple[str, ...]:
     """'png,pdf' -> ('png', 'pdf'); argparse type."""
     formats = tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
+    if not formats or any(f not in FORMATS for f in formats):
         raise argparse.ArgumentTypeError(f"--format takes a comma-separated list of "
                                          f"{', '.join(FORMATS)}; got {text!r}")
     return formats
@@ -376,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="config key of the sweep (default inner.step_size)")
     parser.add_argument("--format", type=parse_formats, default=("png", "pdf"),
                         help="comma-separated file formats: png, pdf, svg (default png,pdf)")
-    parser.add_argument("--layers", choices=LAYER_VIEWS, default="conv",
-                        help="sparsity lines: conv weights (per block beyond eight), blocks, or "
-                             "all masked tensors (default conv)")
+    parser.add_argument("--layers", choices=("conv", "blocks", "all"), default="conv",
+                        help="sparsity lines: conv weights (per block beyond eight), blocks (and "
+                             "the head), or all masked tensors, biases and BatchNorm included "
+                             "(default conv)")
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.runs)
@@ -399,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         return 0
     for run in runs:
-        out = Path(args.out) / run.path.name if args.out and len(runs) > 1 else (
-            Path(args.out) if args.out else run.path)
+        out = Path(args.out) if args.out else run.path
+        if args.out and len(runs) > 1:
+            out = out / run.path.name
         for path in plot_run(run, out, args.format, args.layers):
             print(f"wrote {path}")
     return 0
