@@ -43,7 +43,8 @@ DATASETS: dict[str, Callable[[bool], list[Layout]]] = {
 def dataset_layouts(name: str, omniglot_rotations: bool = False) -> list[Layout]:
     """The layouts `name` can be read from, fastest first."""
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose synthetic or one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose synthetic or one of "
+                        f"{', '.join(DATASETS)}")
     return DATASETS[name](omniglot_rotations)
 
 
@@ -61,22 +62,21 @@ def build_split(data, split: str, normalized: bool = True) -> FewShotSplit:
     statistics are computed (they decode every train image and stop at the first bad one)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    configure = configure_normalization if normalized else (lambda opened, _: opened)
     if data.name == "synthetic":
-        return configure(SyntheticGlyphs(split, seed=data.synthetic_seed), data)
-    if data.name == "folder":
+        opened = SyntheticGlyphs(split, seed=data.synthetic_seed)
+    elif data.name == "folder":
         opened = open_folder(data.root, split, 1 if data.grayscale else 3, data.image_size)
-        return configure(opened, data)
-    try:
-        opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
-    except DataError:
-        if not data.download:
-            raise
-        from .download import prepare
+    else:
+        try:
+            opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
+        except DataError:
+            if not data.download:
+                raise
+            from .download import prepare
 
-        prepare(data.name, data.root, partial(open_split, data.name))
-        opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
-    return configure(opened, data)
+            prepare(data.name, data.root, partial(open_split, data.name))
+            opened = open_split(data.name, data.root, split, data.layout, data.omniglot_rotations)
+    return configure_normalization(opened, data) if normalized else opened
 
 
 def check_present(data, split: str) -> None:
@@ -101,8 +101,7 @@ class BadImages(NamedTuple):
 def find_bad_images(split: FewShotSplit, report=None, limit: int = 20) -> BadImages:
     """Decode every image of `split` once; count those that fail and keep the messages (each
     naming the file) of the first `limit`. `report(done, total)` is called after each class."""
-    count, first = 0, []
-    total = split.num_classes
+    count, first, total = 0, [], split.num_classes
     for label in range(total):
         for index in range(split.class_size(label)):
             try:
@@ -124,23 +123,20 @@ def default_device() -> torch.device:
 def build_episodes(data, split: FewShotSplit, seed: int, augment: bool,
                    device: Optional[torch.device | str] = None,
                    num_query: Optional[int] = None) -> EpisodeDataset:
-    """Episodes of `split` as configured by a DataConfig (`num_query` query images per class
-    instead of data.num_query if given: test episodes may have their own, data.test_query).
-
-    With `data.on_device` the split is copied once into a uint8 tensor on `device` (default: the
-    accelerator if any) and episodes are gathered there; the episodes are the same either way.
-    """
-    size = data.image_size or split.native_size
-    query = data.num_query if num_query is None else num_query
-    transform = EpisodeTransform(size, split.channels, split.normalize, augment, split.mean, split.std)
+    """Episodes of `split` as configured by a DataConfig, with `num_query` query images per class
+    if given (data.test_query). With `data.on_device` the split is copied once into a uint8 tensor
+    on `device` (default: the accelerator if any) and gathered there, giving the same episodes."""
+    transform = EpisodeTransform(data.image_size or split.native_size, split.channels,
+                                 split.normalize, augment, split.mean, split.std)
+    sizes = (data.num_ways, data.num_shots, data.num_query if num_query is None else num_query)
     if getattr(data, "on_device", False):
-        return DeviceEpisodeDataset(split, data.num_ways, data.num_shots, query, seed,
-                                    transform, device if device is not None else default_device())
-    return EpisodeDataset(split, data.num_ways, data.num_shots, query, seed, transform)
+        return DeviceEpisodeDataset(split, *sizes, seed, transform, device or default_device())
+    return EpisodeDataset(split, *sizes, seed, transform)
 
 
-__all__ = ["DATASETS", "BadImages", "DataError", "DeviceEpisodeDataset", "EpisodeDataset", "EpisodePlan",
-           "EpisodeTransform", "FewShotSplit", "SPLITS", "SyntheticGlyphs", "Task",
-           "TrainStatistics", "apply_input_record", "build_episodes", "check_input_record", "build_split", "check_episode_sizes",
-           "check_present", "dataset_layouts", "default_device", "episode_loader",
-           "find_bad_images", "input_record", "normalization_statistics", "open_split", "stack_tasks", "task_seed"]
+__all__ = ["DATASETS", "BadImages", "DataError", "DeviceEpisodeDataset", "EpisodeDataset",
+           "EpisodePlan", "EpisodeTransform", "FewShotSplit", "SPLITS", "SyntheticGlyphs", "Task",
+           "TrainStatistics", "apply_input_record", "build_episodes", "build_split",
+           "check_episode_sizes", "check_input_record", "check_present", "dataset_layouts",
+           "default_device", "episode_loader", "find_bad_images", "input_record",
+           "normalization_statistics", "open_split", "stack_tasks", "task_seed"]

@@ -29,7 +29,6 @@ class Task(NamedTuple):
     query_y: torch.Tensor  # (ways*query,)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Task":
-        """Move every tensor to `device`."""
         return Task(*(t.to(device, non_blocking=non_blocking) for t in self))
 
     @property
@@ -43,26 +42,27 @@ class Task(NamedTuple):
 
 
 class FewShotSplit:
-    """One split of a few-shot dataset: `num_classes` classes, each a list of uint8 images.
+    """One split of a few-shot dataset: named classes (WordNet ids, folder names, ...), each a list
+    of uint8 images. Subclasses implement `class_size` and `load`; images come back as uint8
+    (C, H, W) tensors of any size (the transform resizes them), never as a float copy."""
 
-    Subclasses implement `class_size` and `load`; images come back as uint8 (C, H, W) tensors of
-    any size (the transform resizes them), so a split never holds a float copy of its images.
-    """
-
-    name: str = "dataset"
-    split: str = "train"
-    channels: int = 3
-    native_size: int = 84
-    """The side images are resized to when data.image_size is 0."""
-    normalize: bool = True
-    """Whether to normalise with `mean` and `std` (colour photographs)."""
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     """Per-channel statistics of the normalisation (ImageNet's unless data.normalize=train)."""
 
+    def __init__(self, name: str, split: str, class_names: list[str], channels: int = 3,
+                 native_size: int = 84, normalize: bool = True):
+        self.name, self.split, self.channels = name, split, channels
+        self.native_size = native_size  # the side images are resized to when data.image_size is 0
+        self.normalize = normalize  # whether to normalise with `mean` and `std`
+        self.class_names = list(class_names)
+
     @property
     def num_classes(self) -> int:
-        raise NotImplementedError
+        return len(self.class_names)
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label]
 
     def class_size(self, label: int) -> int:
         """Number of images of class `label`."""
@@ -71,10 +71,6 @@ class FewShotSplit:
     def load(self, label: int, index: int) -> torch.Tensor:
         """Image `index` of class `label` as a uint8 (C, H, W) tensor."""
         raise NotImplementedError
-
-    def class_name(self, label: int) -> str:
-        """The dataset's name of class `label` (a WordNet id, a folder name, ...)."""
-        return str(label)
 
     def load_many(self, label: int, indices: list[int]) -> list[torch.Tensor]:
         """Several images of one class (datasets with batched storage override this)."""
@@ -132,10 +128,9 @@ def read_text(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
 
 
 def inside(root: Path, entry: str, where: str) -> Path:
-    """`root / entry` for a relative path named by a data file (a CSV row, an annotation), refused
-    with a DataError naming `where` and the entry when it is absolute or climbs out of `root`.
-
-    The test is on the path as written, so a folder the user symlinked into `root` still works."""
+    """`root / entry` for a relative path named by a data file (a CSV row, an annotation); DataError
+    naming `where` and the entry when it is absolute or climbs out of `root`. The test is on the
+    path as written, so a folder the user symlinked into `root` still works."""
     text = str(entry).strip()
     normal = os.path.normpath(text) if text else ""
     if (not text or "\x00" in text or os.path.isabs(text) or normal == os.pardir
@@ -144,35 +139,25 @@ def inside(root: Path, entry: str, where: str) -> Path:
     return Path(root) / normal
 
 
-# Full range of each integer sample type PIL reads into mode I: (lowest, highest) value.
-_INTEGER_RANGES = {(16, False): (0, 2**16 - 1), (16, True): (-2**15, 2**15 - 1),
-                   (32, False): (0, 2**32 - 1), (32, True): (-2**31, 2**31 - 1)}
-
-
 def _integer_range(image: Image.Image) -> tuple[int, int]:
     """The stored sample type's (lowest, highest) value of a mode I image: TIFF says its bits per
     sample and sample format; the other formats PIL reads as mode I (16-bit PGM, older PNG) are
     16-bit unsigned."""
-    tags = getattr(image, "tag_v2", None)
-    bits, signed = 16, False
-    if tags is not None:
-        bits_per_sample, sample_format = tags.get(258, (16,)), tags.get(339, (1,))
-        bits = max(bits_per_sample) if isinstance(bits_per_sample, tuple) else int(bits_per_sample)
-        fmt = sample_format[0] if isinstance(sample_format, tuple) else sample_format
-        signed = int(fmt) == 2
-    return _INTEGER_RANGES.get((32 if bits > 16 else 16, signed), (0, 2**16 - 1))
+    tags = getattr(image, "tag_v2", None) or {}
+    bits, fmt = tags.get(258, (16,)), tags.get(339, (1,))
+    bits = 32 if (max(bits) if isinstance(bits, tuple) else int(bits)) > 16 else 16
+    if int(fmt[0] if isinstance(fmt, tuple) else fmt) == 2:  # signed integers
+        return -2**(bits - 1), 2**(bits - 1) - 1
+    return 0, 2**bits - 1
 
 
 def _eight_bit(image: Image.Image, where: str) -> Image.Image:
     """Grey images of more than 8 bits scaled to 8 bits (PIL's convert clips them at 255 or 0).
 
-    Integer images (16-bit PNG/TIFF/PGM: modes I;16*, I; 32-bit TIFF: mode I) map the full range of
-    their stored sample type onto 0..255, lowest value to 0 and highest to 255 (65535 / 257 = 255
-    for 16 bits): the same stored value is the same grey in every image of a dataset, as with 8-bit
-    images. Float images (mode F) have no type range; they map [0, 1] onto 0..255 when every pixel
-    lies in [0, 1] (the convention of float images, which keeps brightness comparable across
-    images), and otherwise their own [min, max] (a float image in 0..255 or in physical units
-    becomes visible instead of white). A float image with NaN or infinite pixels is refused.
+    Integer images (modes I;16*, I) map the full range of their stored sample type onto 0..255, so
+    the same stored value is the same grey in every image of a dataset. Float images (mode F) map
+    [0, 1] onto 0..255 when every pixel lies in [0, 1] (keeping brightness comparable across
+    images), else their own [min, max] (visible instead of white); NaN or infinite ones are refused.
     """
     if image.mode.startswith("I;16") or image.mode == "I":
         lowest, highest = (0, 2**16 - 1) if image.mode.startswith("I;16") else _integer_range(image)
@@ -184,8 +169,7 @@ def _eight_bit(image: Image.Image, where: str) -> Image.Image:
             raise DataError(f"image {where} is a float image holding NaN or infinite pixels")
         low, high = float(values.min()), float(values.max())
         if low < 0.0 or high > 1.0:
-            scale = 255.0 / (high - low) if high > low else 0.0
-            scaled = (values - low) * scale
+            scaled = (values - low) * (255.0 / (high - low) if high > low else 0.0)
         else:
             scaled = values * 255.0
     else:
@@ -195,19 +179,16 @@ def _eight_bit(image: Image.Image, where: str) -> Image.Image:
 
 def decode_image(data: bytes | str | Path, channels: int, where: str,
                  box: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Decode an image file (a path or its bytes) to uint8 (channels, H, W), cropped to `box`.
-
-    `box` is (x1, y1, x2, y2) in pixels, inclusive, as in the Stanford Cars annotations. A file that
-    cannot be decoded, or that declares more than MAX_IMAGE_PIXELS pixels, raises DataError naming
-    `where`; nothing is decoded before the size is checked.
-    """
+    """Decode an image file (a path or its bytes) to uint8 (channels, H, W), cropped to `box`
+    ((x1, y1, x2, y2) in pixels, inclusive, as in the Stanford Cars annotations). A file that cannot
+    be decoded, or that declares more than MAX_IMAGE_PIXELS pixels (checked before decoding),
+    raises DataError naming `where`."""
     try:
         source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         with warnings.catch_warnings():
             # PIL's own bomb check warns (or raises) inside open(); ours below is the one that
             # counts, so its warning becomes an error caught here, never a line on stderr. (The
-            # filter is process-wide; images are decoded in the main thread or in DataLoader
-            # worker processes, never on several threads at once.)
+            # filter is process-wide; images are never decoded on several threads at once.)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
@@ -215,9 +196,8 @@ def decode_image(data: bytes | str | Path, channels: int, where: str,
                 image = _eight_bit(image, where).convert("RGB" if channels == 3 else "L")
                 if box is not None:
                     x1, y1, x2, y2 = (int(v) for v in box)
-                    x1, y1 = max(x1, 0), max(y1, 0)
-                    x2, y2 = min(x2, image.width - 1), min(y2, image.height - 1)
-                    image = image.crop((x1, y1, x2 + 1, y2 + 1))
+                    image = image.crop((max(x1, 0), max(y1, 0), min(x2 + 1, image.width),
+                                        min(y2 + 1, image.height)))
                 array = np.asarray(image, dtype=np.uint8)
     except FileNotFoundError as err:
         raise DataError(f"image file {where} is missing") from err
@@ -242,98 +222,66 @@ def visible_entries(folder: Path) -> list[Path]:
     return [p for p in Path(folder).iterdir() if not p.name.startswith(".")]
 
 
-class NamedClassSplit(FewShotSplit):
-    """A split whose classes have names (WordNet ids, folder names); the common constructor."""
-
-    def __init__(self, name: str, split: str, class_names: list[str], channels: int,
-                 native_size: int, normalize: bool):
-        self.name, self.split, self.channels = name, split, channels
-        self.native_size, self.normalize = native_size, normalize
-        self.class_names = list(class_names)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def class_name(self, label: int) -> str:
-        return self.class_names[label]
+def _read_sorted(array: Any, rows: np.ndarray) -> np.ndarray:
+    """array[rows], read in increasing row order (sequential on a memory map; h5py requires it)."""
+    order = np.argsort(rows)
+    return array[rows[order]][np.argsort(order)]
 
 
-class ArraySplit(NamedClassSplit):
-    """A split whose images are rows of uint8 arrays (NumPy, memory-mapped .npy, pickled cache).
-
-    Class c is `arrays[c]` (one array per class) or the rows `rows[c]` of the shared `arrays[0]`.
-    Arrays hold (N, H, W, C), (N, H, W) or (N, C, H, W) pixels; nothing is copied until read.
-    """
+class ArraySplit(FewShotSplit):
+    """Images that are rows of uint8 arrays (NumPy, memory-mapped .npy, pickled cache): class c is
+    `arrays[c]` or the rows `rows[c]` of the shared `arrays[0]`. Arrays hold (N, H, W, C),
+    (N, H, W) or (N, C, H, W) pixels; nothing is copied until read."""
 
     def __init__(self, name: str, split: str, class_names: list[str], arrays: list[Any],
                  rows: Optional[list[np.ndarray]] = None, channels: int = 3, native_size: int = 84,
                  normalize: bool = True, source: str = ""):
         super().__init__(name, split, class_names, channels, native_size, normalize)
-        self.arrays = arrays
-        self.rows = rows
-        self.source = source
+        self.arrays, self.rows, self.source = arrays, rows, source
 
     def class_size(self, label: int) -> int:
         return len(self.rows[label]) if self.rows is not None else len(self.arrays[label])
 
-    def _row(self, label: int, index: int) -> tuple[Any, int]:
-        if self.rows is not None:
-            return self.arrays[0], int(self.rows[label][index])
-        return self.arrays[label], index
-
     def load(self, label: int, index: int) -> torch.Tensor:
-        array, row = self._row(label, index)
-        return to_chw(array[row], self.channels)
+        return self.load_many(label, [index])[0]
 
     def load_many(self, label: int, indices: list[int]) -> list[torch.Tensor]:
-        if not indices:
-            return []
-        array, _ = self._row(label, 0)
-        rows = np.array([self._row(label, i)[1] for i in indices])
-        order = np.argsort(rows)  # sorted reads are sequential on a memory map
-        block = array[rows[order]]
-        images = [None] * len(indices)
-        for k, position in enumerate(order):
-            images[position] = to_chw(block[k], self.channels)
-        return images
+        rows = np.asarray(indices, dtype=np.int64)
+        if self.rows is not None:
+            rows = np.asarray(self.rows[label])[rows].astype(np.int64)
+        array = self.arrays[0] if self.rows is not None else self.arrays[label]
+        return [to_chw(image, self.channels) for image in _read_sorted(array, rows)]
 
 
-class EncodedSplit(NamedClassSplit):
+class EncodedSplit(FewShotSplit):
     """A split of encoded image files (PNG/JPEG bytes) held in memory, decoded on use."""
 
     def __init__(self, name: str, split: str, class_names: list[str], encoded: list[Sequence[Any]],
                  channels: int = 3, native_size: int = 84, normalize: bool = True, source: str = ""):
         super().__init__(name, split, class_names, channels, native_size, normalize)
-        self.encoded = encoded
-        self.source = source
+        self.encoded, self.source = encoded, source
 
     def class_size(self, label: int) -> int:
         return len(self.encoded[label])
 
     def load(self, label: int, index: int) -> torch.Tensor:
-        data = bytes(np.asarray(self.encoded[label][index], dtype=np.uint8).tobytes())
+        data = np.asarray(self.encoded[label][index], dtype=np.uint8).tobytes()
         where = f"{self.source} (class {self.class_names[label]}, image {index})"
         return decode_image(data, self.channels, where)
 
 
-class ImageFileSplit(NamedClassSplit):
-    """A split of image files on disk, decoded on use; optional crop boxes and class rotations.
-
-    `files[c]` lists the files of class c; `boxes[c][i]` (optional) is the (x1, y1, x2, y2) crop of
-    file i; `rotations[c]` (optional) turns every image of class c by that many quarter turns
-    (counter-clockwise), so a rotated copy of a class is a class of its own; `invert` maps ink to 255.
-    """
+class ImageFileSplit(FewShotSplit):
+    """Image files on disk, decoded on use: `files[c]` lists the files of class c; `boxes[c][i]`
+    (optional) is the (x1, y1, x2, y2) crop of file i; `rotations[c]` (optional) turns every image
+    of class c by that many quarter turns (counter-clockwise), so a rotated copy of a class is a
+    class of its own; `invert` maps ink to 255."""
 
     def __init__(self, name: str, split: str, class_names: list[str], files: list[list[Path]],
                  channels: int = 3, native_size: int = 84, normalize: bool = True,
                  boxes: Optional[list[list[Sequence[int]]]] = None,
                  rotations: Optional[list[int]] = None, invert: bool = False):
         super().__init__(name, split, class_names, channels, native_size, normalize)
-        self.files = files
-        self.boxes = boxes
-        self.rotations = rotations
-        self.invert = invert
+        self.files, self.boxes, self.rotations, self.invert = files, boxes, rotations, invert
 
     def class_size(self, label: int) -> int:
         return len(self.files[label])
@@ -351,25 +299,18 @@ class ImageFileSplit(NamedClassSplit):
 
 class Hdf5Split(FewShotSplit):
     """A split stored as torchmeta writes it: `{split}_data.hdf5` with one dataset per class in the
-    group `datasets`, holding uint8 (N, H, W, C) pixels or variable-length encoded image bytes.
-
-    The file is opened lazily in each process (h5py handles do not survive fork).
-    """
+    group `datasets`, holding uint8 (N, H, W, C) pixels or variable-length encoded image bytes. The
+    file is opened lazily in each process (h5py handles do not survive fork)."""
 
     def __init__(self, name: str, split: str, path: Path, class_names: list[str],
                  sizes: list[int], channels: int = 3, native_size: int = 84, normalize: bool = True):
-        self.name, self.split, self.channels = name, split, channels
-        self.native_size, self.normalize = native_size, normalize
-        self.path = Path(path)
-        self.class_names = list(class_names)
-        self.sizes = sizes
+        super().__init__(name, split, class_names, channels, native_size, normalize)
+        self.path, self.sizes = Path(path), sizes
         self._file: Any = None
         self._pid = -1
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_file"], state["_pid"] = None, -1
-        return state
+        return {**self.__dict__, "_file": None, "_pid": -1}
 
     def _group(self) -> Any:
         import h5py
@@ -382,13 +323,6 @@ class Hdf5Split(FewShotSplit):
             self._pid = os.getpid()
         return self._file["datasets"]
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def class_name(self, label: int) -> str:
-        return self.class_names[label]
-
     def class_size(self, label: int) -> int:
         return self.sizes[label]
 
@@ -398,19 +332,15 @@ class Hdf5Split(FewShotSplit):
     def load_many(self, label: int, indices: list[int]) -> list[torch.Tensor]:
         name = self.class_names[label]
         try:
-            dataset = self._group()[name]
-            order = np.argsort(indices)
-            block = dataset[np.asarray(indices)[order]]  # h5py wants increasing indices
-        except DataError:
-            raise
+            block = _read_sorted(self._group()[name], np.asarray(indices))
         except (OSError, KeyError, ValueError, TypeError) as err:
             raise DataError(f"HDF5 file {self.path}: cannot read class {name!r} ({err})") from err
-        images = [None] * len(indices)
-        for k, position in enumerate(order):
-            item = block[k]
+        images = []
+        for item, index in zip(block, indices):
             if item.dtype == np.uint8 and item.ndim >= 2:
-                images[position] = to_chw(item, self.channels)
+                images.append(to_chw(item, self.channels))
             else:  # variable-length encoded bytes (torchmeta's tieredImageNet)
-                where = f"{self.path} (class {name}, image {indices[position]})"
-                images[position] = decode_image(np.asarray(item, np.uint8).tobytes(), self.channels, where)
+                where = f"{self.path} (class {name}, image {index})"
+                images.append(decode_image(np.asarray(item, np.uint8).tobytes(), self.channels,
+                                           where))
         return images

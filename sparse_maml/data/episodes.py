@@ -14,13 +14,14 @@ split held as one uint8 tensor on the accelerator), so both give the same episod
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Iterator, NamedTuple, Optional
+import itertools
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .base import DataError, FewShotSplit, Task
-from .transforms import AugmentParams, EpisodeTransform, resize
+from .transforms import AugmentParams, EpisodeTransform, draw_augment, resize
 
 
 def task_seed(seed: int, split: str, index: int) -> int:
@@ -45,14 +46,11 @@ class EpisodeDataset(Dataset):
     def __init__(self, split: FewShotSplit, num_ways: int, num_shots: int, num_query: int,
                  seed: int, transform: EpisodeTransform):
         check_episode_sizes(split, num_ways, num_shots, num_query)
-        self.split = split
+        self.split, self.seed, self.transform = split, seed, transform
         self.num_ways, self.num_shots, self.num_query = num_ways, num_shots, num_query
-        self.seed = seed
-        self.transform = transform
 
     def __len__(self) -> int:
-        # Episodes are drawn, not enumerated; samplers pass the indices they want.
-        return 2**62
+        return 2**62  # episodes are drawn, not enumerated; samplers pass the indices they want
 
     def plan(self, index: int) -> EpisodePlan:
         """Classes, images and augmentation of episode `index`, from its own generator alone."""
@@ -63,39 +61,34 @@ class EpisodeDataset(Dataset):
         for label in classes:  # label order = draw order, so labels are assigned at random
             chosen = torch.randperm(self.split.class_size(label), generator=g)[:per_class].tolist()
             picks.append(chosen)
-            params += [self.transform.draw(g) for _ in chosen]
+            if self.transform.augment:
+                params += [draw_augment(g) for _ in chosen]
         return EpisodePlan(classes, picks, params if self.transform.augment else None)
 
-    def _labels(self) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.arange(self.num_ways)
-        return labels.repeat_interleave(self.num_shots), labels.repeat_interleave(self.num_query)
-
-    def _split_support_query(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ways*(shots+query), C, H, W) grouped by class -> support and query, grouped by class."""
-        per_class = images.view(self.num_ways, self.num_shots + self.num_query, *images.shape[1:])
-        support = per_class[:, : self.num_shots].reshape(-1, *images.shape[1:])
-        query = per_class[:, self.num_shots:].reshape(-1, *images.shape[1:])
-        return support, query
+    def _task(self, images: torch.Tensor) -> Task:
+        """Images (..., ways*(shots+query), C, H, W), class by class -> Task, same leading dims."""
+        sizes = [self.num_shots, self.num_query]
+        lead, shape = images.shape[:-4], images.shape[-3:]
+        parts = images.view(*lead, self.num_ways, sum(sizes), *shape).split(sizes, dim=-4)
+        x = [part.reshape(*lead, -1, *shape) for part in parts]
+        labels = torch.arange(self.num_ways, device=images.device).expand(*lead, -1)
+        y = [labels.repeat_interleave(n, dim=-1) for n in sizes]
+        return Task(x[0], y[0], x[1], y[1])
 
     def __getitem__(self, index: int) -> Task:
         plan = self.plan(index)
-        raw = []
-        for label, chosen in zip(plan.classes, plan.picks):
-            raw += self.split.load_many(label, chosen)
+        raw = [image for label, chosen in zip(plan.classes, plan.picks)
+               for image in self.split.load_many(label, chosen)]
         params = plan.augment or [None] * len(raw)
-        images = torch.stack([self.transform.apply(im, p) for im, p in zip(raw, params)])
-        support_x, query_x = self._split_support_query(images)  # (ways*shots, C, H, W), ...
-        support_y, query_y = self._labels()
-        return Task(support_x, support_y, query_x, query_y)
+        return self._task(torch.stack([self.transform.apply(im, p) for im, p in zip(raw, params)]))
 
 
 def check_episode_sizes(split: FewShotSplit, num_ways: int, num_shots: int, num_query: int) -> None:
     """Fail at start-up, with the numbers, if `split` cannot give num_ways-way episodes."""
-    per_class = num_shots + num_query
     if split.num_classes < num_ways:
         raise DataError(f"{split.name}/{split.split} has {split.num_classes} classes, fewer than "
                         f"data.num_ways={num_ways}")
-    small = [c for c in range(split.num_classes) if split.class_size(c) < per_class]
+    small = [c for c in range(split.num_classes) if split.class_size(c) < num_shots + num_query]
     if small:
         raise DataError(
             f"{split.name}/{split.split}: class {small[0]} ({split.class_name(small[0])}) has "
@@ -113,10 +106,9 @@ def _to_size(image: torch.Tensor, size: int) -> torch.Tensor:
 class DeviceEpisodeDataset(EpisodeDataset):
     """Episodes gathered from a whole split held as one uint8 tensor on `device` (data.on_device).
 
-    Episode `index` has the same classes, images, label order and augmentation choices as in
-    EpisodeDataset (the plan is drawn the same way on the CPU); only the gather, resize, augmentation
-    and normalisation run on the device, for all tasks of a batch at once. Images whose stored size
-    differs from the target size are resized once, when the split is loaded, and rounded to uint8.
+    The plans are EpisodeDataset's (drawn on the CPU), so the episodes are the same; the gather,
+    augmentation and normalisation run on the device, for all tasks of a batch at once. Images of
+    another size than the target are resized once, when the split is loaded, and rounded to uint8.
     """
 
     on_device = True
@@ -126,56 +118,29 @@ class DeviceEpisodeDataset(EpisodeDataset):
         super().__init__(split, num_ways, num_shots, num_query, seed, transform)
         self.device = torch.device(device)
         sizes = [split.class_size(c) for c in range(split.num_classes)]
-        self.offsets = [0]
-        for n in sizes:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = [0, *itertools.accumulate(sizes)]
         size = transform.size
-        images = torch.empty(self.offsets[-1], split.channels, size, size, dtype=torch.uint8,
-                             device=self.device)  # (all images of the split, C, S, S)
-        for label in range(split.num_classes):
-            for start in range(0, sizes[label], 256):
-                chunk = split.load_many(label, list(range(start, min(start + 256, sizes[label]))))
-                chunk = torch.stack([_to_size(im, size) for im in chunk])  # (n, C, S, S) uint8
+        self.images = torch.empty(self.offsets[-1], split.channels, size, size, dtype=torch.uint8,
+                                  device=self.device)  # (all images of the split, C, S, S)
+        for label, count in enumerate(sizes):
+            for start in range(0, count, 256):
+                chunk = split.load_many(label, list(range(start, min(start + 256, count))))
                 row = self.offsets[label] + start
-                images[row:row + len(chunk)] = chunk.to(self.device)
-        self.images = images
-
-    def rows(self, plan: EpisodePlan) -> list[int]:
-        """Rows of `self.images` of an episode, class by class."""
-        return [self.offsets[c] + i for c, chosen in zip(plan.classes, plan.picks) for i in chosen]
+                self.images[row:row + len(chunk)] = torch.stack(
+                    [_to_size(im, size) for im in chunk]).to(self.device)
 
     def batch(self, indices: list[int] | range) -> Task:
         """Episodes `indices` stacked into one Task on the device."""
         plans = [self.plan(i) for i in indices]
-        rows = torch.tensor([r for p in plans for r in self.rows(p)], device=self.device)
-        params = None if not self.transform.augment else [q for p in plans for q in p.augment]
-        images = self.transform.apply_batch(self.images.index_select(0, rows), params)
-        per_task = images.view(len(plans), -1, *images.shape[1:])  # (tasks, ways*(shots+query), C, S, S)
-        parts = [self._split_support_query(t) for t in per_task]
-        support_y, query_y = (y.to(self.device) for y in self._labels())
-        n = len(plans)
-        return Task(torch.stack([s for s, _ in parts]), support_y.expand(n, -1).contiguous(),
-                    torch.stack([q for _, q in parts]), query_y.expand(n, -1).contiguous())
+        rows = [self.offsets[c] + i for p in plans for c, chosen in zip(p.classes, p.picks)
+                for i in chosen]
+        params = [q for p in plans for q in p.augment] if self.transform.augment else None
+        selected = self.images.index_select(0, torch.tensor(rows, device=self.device))
+        images = self.transform.apply_batch(selected, params)
+        return self._task(images.view(len(plans), -1, *images.shape[1:]))
 
     def __getitem__(self, index: int) -> Task:
         return self.batch([index]).select(0)
-
-
-class DeviceEpisodeLoader:
-    """Batches of on-device episodes first_index .. first_index+num_tasks-1, built in this process."""
-
-    def __init__(self, dataset: DeviceEpisodeDataset, first_index: int, num_tasks: int,
-                 tasks_per_batch: int):
-        self.dataset = dataset
-        self.indices = range(first_index, first_index + num_tasks)
-        self.tasks_per_batch = tasks_per_batch
-
-    def __len__(self) -> int:
-        return -(-len(self.indices) // self.tasks_per_batch)
-
-    def __iter__(self) -> Iterator[Task]:
-        for start in range(0, len(self.indices), self.tasks_per_batch):
-            yield self.dataset.batch(self.indices[start:start + self.tasks_per_batch])
 
 
 def stack_tasks(tasks: list[Task]) -> Task:
@@ -189,14 +154,9 @@ def episode_loader(dataset: EpisodeDataset, first_index: int, num_tasks: int, ta
 
     On-device datasets are batched in this process (workers and pinning would only add copies).
     """
+    indices = range(first_index, first_index + num_tasks)
     if dataset.on_device:
-        return DeviceEpisodeLoader(dataset, first_index, num_tasks, tasks_per_batch)
-    return DataLoader(
-        dataset,
-        sampler=range(first_index, first_index + num_tasks),
-        batch_size=tasks_per_batch,
-        collate_fn=stack_tasks,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
+        return (dataset.batch(indices[i:i + tasks_per_batch])
+                for i in range(0, num_tasks, tasks_per_batch))
+    return DataLoader(dataset, sampler=indices, batch_size=tasks_per_batch, collate_fn=stack_tasks,
+                      num_workers=num_workers, pin_memory=pin_memory)

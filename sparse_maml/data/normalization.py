@@ -1,29 +1,27 @@
 """Input normalisation as data.normalize asks: ImageNet's statistics, the train split's, or none.
 
 The train split's per-channel mean and std (data.normalize=train) are those of the images as the
-network sees them before normalisation: decoded, converted to the configured channels, resized to
-data.image_size and scaled to [0, 1]. They are computed once and recorded in
-<data.root>/train_statistics.json, under channels and size, with the content key of the train
-split they were computed from: a digest of its class names, file names and file bytes. Hashing
-the bytes costs a read of the files (decoding them is what is expensive), and it makes any changed
-image, even one of the same size and name, a new key and so a new computation. Recorded values are
-checked when read back (finite, one per channel, mean in [0, 1], std in [MIN_STD, 0.5]); a record
-that fails is refused with a message naming the file and entry, never used. A read-only root only
+network sees them before normalisation (decoded, converted, resized, scaled to [0, 1]). They are
+recorded in <data.root>/train_statistics.json under channels and size, with the content key of the
+split: a digest of its class names, file names and file bytes, so any changed image, even one of
+the same size and name, means a new computation (hashing costs a read; decoding is the expensive
+part). Recorded values are checked when read back (finite, one per channel, mean in [0, 1], std in
+[MIN_STD, 0.5]); a record that fails is refused, naming the file and entry. A read-only root only
 means the statistics are computed again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
+from ..files import atomic_write
 from .base import DataError, FewShotSplit, ImageFileSplit, read_text
 from .folder import open_folder
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, resize
@@ -33,7 +31,6 @@ STATISTICS_FILE = "train_statistics.json"
 # dividing by its std would blow inputs up (compute_statistics refuses such a split).
 MIN_STD, MAX_STD = 1e-6, 0.5
 STATISTICS_FILE_BYTES = 2**20  # a record holds a few numbers per (channels, size)
-CHUNK = 2**20
 
 
 class TrainStatistics(NamedTuple):
@@ -49,22 +46,19 @@ def content_key(split: ImageFileSplit) -> str:
     digest = hashlib.sha256()
     for name, files in zip(split.class_names, split.files):
         for path in files:
-            file_digest = hashlib.sha256()
             try:
                 with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(CHUNK), b""):
-                        file_digest.update(block)
+                    file_digest = hashlib.file_digest(f, "sha256").hexdigest()
             except OSError as err:
                 raise DataError(f"image file {path} cannot be read "
                                 f"({err.strerror or err})") from err
-            digest.update(f"{name}/{path.name}:{file_digest.hexdigest()}\n".encode())
+            digest.update(f"{name}/{path.name}:{file_digest}\n".encode())
     return digest.hexdigest()
 
 
-def compute_statistics(split: FewShotSplit, size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of every image of `split`, resized to `size` and scaled to [0, 1]."""
-    total = torch.zeros(split.channels, dtype=torch.float64)
-    squares = torch.zeros(split.channels, dtype=torch.float64)
+def compute_statistics(split: FewShotSplit, size: int) -> tuple[tuple[float, ...], ...]:
+    """Per-channel (mean, std) of every image of `split`, resized to `size`, scaled to [0, 1]."""
+    total, squares = torch.zeros(2, split.channels, dtype=torch.float64)
     pixels = 0
     for label in range(split.num_classes):
         for index in range(split.class_size(label)):
@@ -124,20 +118,6 @@ def _checked_entry(entry: dict, channels: int, path: Path, key: str) -> TrainSta
                            entry["content_key"])
 
 
-def _write_record(path: Path, record: dict) -> None:
-    """Write atomically; a root that cannot be written keeps nothing (computed again next time)."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def train_statistics(root: str | Path, channels: int, size: int) -> TrainStatistics:
     """Mean, std and content key of the train split of the folder dataset in `root`, read as
     `channels` channels resized to `size`: recorded in root/train_statistics.json for that content
@@ -155,17 +135,16 @@ def train_statistics(root: str | Path, channels: int, size: int) -> TrainStatist
     record[key] = {"content_key": content, "channels": channels, "image_size": size,
                    "num_images": sum(len(f) for f in train.files), "mean": list(mean),
                    "std": list(std)}
-    _write_record(path, record)
+    with contextlib.suppress(OSError):  # a root that cannot be written: computed again next time
+        atomic_write(path, lambda f: json.dump(record, f, indent=1))
     return TrainStatistics(mean, std, content)
 
 
 def normalization_statistics(data) -> Optional[TrainStatistics]:
     """The train statistics a DataConfig normalises with (data.normalize=train, or auto for the
     folder dataset), with their content key; None when it normalises otherwise."""
-    choice = data.normalize
-    if choice == "auto":
-        choice = "train" if data.name == "folder" else "dataset"
-    if choice != "train":
+    auto = data.normalize == "auto" and data.name == "folder"
+    if data.normalize != "train" and not auto:
         return None
     if data.name != "folder":
         raise DataError(f"data.normalize=train is for data.name=folder, not {data.name}")
@@ -174,21 +153,17 @@ def normalization_statistics(data) -> Optional[TrainStatistics]:
 
 def configure_normalization(split: FewShotSplit, data) -> FewShotSplit:
     """Set `split`'s normalisation as `data.normalize` (a DataConfig field) asks; returns it."""
-    choice = data.normalize
-    if choice == "auto":
-        choice = "train" if data.name == "folder" else "dataset"
-    if choice == "none":
+    statistics = normalization_statistics(data)
+    if statistics is not None:
+        split.normalize, split.mean, split.std = True, statistics.mean, statistics.std
+        split.statistics_key = statistics.content_key
+    elif data.normalize == "none":
         split.normalize = False
-    elif choice == "imagenet":
+    elif data.normalize == "imagenet":
         if split.channels != 3:
             raise DataError(f"data.normalize=imagenet needs colour images, but {split.name} has "
                             f"{split.channels} channel(s); use data.normalize=none")
         split.normalize, split.mean, split.std = True, IMAGENET_MEAN, IMAGENET_STD
-    elif choice == "train":
-        statistics = normalization_statistics(data)
-        split.mean, split.std = statistics.mean, statistics.std
-        split.normalize = True
-        split.statistics_key = statistics.content_key
     return split
 
 

@@ -74,29 +74,19 @@ def generate_glyph_class(split: str, seed: int, label: int, images_per_class: in
 class SyntheticGlyphs(FewShotSplit):
     """One split of the built-in glyph dataset; each class is drawn on first use and kept as uint8."""
 
-    name = "synthetic"
-    channels = 1
-    native_size = RENDER_SIZE
-    normalize = False
-
     def __init__(self, split: str, seed: int = 0):
         if split not in SPLIT_CLASSES:
             raise ValueError(f"synthetic split must be one of {sorted(SPLIT_CLASSES)}, got {split!r}")
-        self.split = split
+        names = [str(label) for label in range(SPLIT_CLASSES[split])]
+        super().__init__("synthetic", split, names, channels=1, native_size=RENDER_SIZE,
+                         normalize=False)
         self.seed = seed
         self._classes: dict[int, torch.Tensor] = {}
-
-    @property
-    def num_classes(self) -> int:
-        return SPLIT_CLASSES[self.split]
 
     def class_size(self, label: int) -> int:
         return IMAGES_PER_CLASS
 
-    def _images(self, label: int) -> torch.Tensor:
+    def load(self, label: int, index: int) -> torch.Tensor:
         if label not in self._classes:
             self._classes[label] = generate_glyph_class(self.split, self.seed, label, IMAGES_PER_CLASS)
-        return self._classes[label]
-
-    def load(self, label: int, index: int) -> torch.Tensor:
-        return self._images(label)[index]
+        return self._classes[label][index]

@@ -24,23 +24,13 @@ class EpisodeTransform:
 
     def __init__(self, size: int, channels: int, normalize: bool, augment: bool,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
-        self.size = size
-        self.channels = channels
+        self.size, self.channels, self.augment = size, channels, augment
         self.normalize = normalize and channels == len(mean)
-        self.augment = augment
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """uint8 (C, H, W) -> float (C, size, size)."""
-        return self.apply(image, self.draw(generator))
-
-    def draw(self, generator: torch.Generator) -> Optional[AugmentParams]:
-        """The random choices for one image (None without augmentation); consumes `generator`."""
-        return draw_augment(generator) if self.augment else None
-
     def apply(self, image: torch.Tensor, params: Optional[AugmentParams]) -> torch.Tensor:
-        """uint8 (C, H, W) -> float (C, size, size) with augmentation choices drawn by `draw`."""
+        """uint8 (C, H, W) -> float (C, size, size), augmented as `params` (draw_augment) say."""
         return self.apply_batch(image[None], None if params is None else [params])[0]
 
     def apply_batch(self, images: torch.Tensor,
@@ -67,7 +57,7 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class AugmentParams(NamedTuple):
-    """The random choices of `augment` for one image."""
+    """The random choices of the augmentation for one image."""
 
     top: int  # crop offset in the padded image
     left: int
@@ -77,20 +67,14 @@ class AugmentParams(NamedTuple):
     flip: bool
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
-
-
 def draw_augment(generator: torch.Generator) -> AugmentParams:
     """Draw crop offsets, jitter factors and the flip, in a fixed order, from `generator`."""
-    p, j = AUGMENT_PADDING, AUGMENT_JITTER
-    top = int(torch.randint(0, 2 * p + 1, (), generator=generator))
-    left = int(torch.randint(0, 2 * p + 1, (), generator=generator))
-    brightness = _uniform(generator, 1 - j, 1 + j)
-    contrast = _uniform(generator, 1 - j, 1 + j)
-    saturation = _uniform(generator, 1 - j, 1 + j)
+    low, high = 1 - AUGMENT_JITTER, 1 + AUGMENT_JITTER
+    top, left = (int(torch.randint(0, 2 * AUGMENT_PADDING + 1, (), generator=generator))
+                 for _ in range(2))
+    factors = [low + (high - low) * torch.rand((), generator=generator).item() for _ in range(3)]
     flip = torch.rand((), generator=generator).item() < 0.5
-    return AugmentParams(top, left, brightness, contrast, saturation, flip)
+    return AugmentParams(top, left, *factors, flip)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +104,3 @@ def augment_batch(x: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
         index = torch.tensor(flips, device=x.device)
         x = x.index_copy(0, index, x.index_select(0, index).flip(-1))
     return x.contiguous()
-
-
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with padding, colour jitter and horizontal flip on a float (C, H, W) image."""
-    return augment_batch(x[None], [draw_augment(generator)])[0]
