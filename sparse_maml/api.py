@@ -1,13 +1,5 @@
-"""Use a trained run from Python: load it, adapt it to new tasks, predict, read its masks, evaluate.
-
-    from sparse_maml.api import Learner
-
-    learner = Learner.load("runs/my_run")                 # config, theta and masks of best.pt
-    support_x = learner.prepare(support_images)            # uint8 pixels, or image files
-    fast = learner.adapt(support_x, support_y)             # inner steps on one task's support set
-    labels = learner.predict(fast, learner.prepare(query_images)).argmax(-1)
-    learner.masks()                                        # {parameter name: mask tensor}
-    learner.evaluate(tasks)                                # mean +- 95% interval, as test.py reports
+"""Use a trained run from Python: load it, adapt it to new tasks, predict, read its masks, evaluate
+(`Learner`; an example in README.md, "Python API", and examples/api_example.py).
 
 Loading, the fixed test tasks and the scoring are the functions test.py uses (evaluation.py), so
 the two report the same numbers for the same checkpoint and settings.
@@ -22,7 +14,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.func import functional_call
-from torch.utils.data import Dataset
 
 from . import checkpoint
 from .checkpoint import rng_states, set_rng_states
@@ -50,20 +41,11 @@ class Evaluation:
         return f"{self.mean:.2%} +- {self.ci95:.2%} (95% CI over {len(self.accuracies)} tasks)"
 
 
-class TaskList(Dataset):
-    """A list of single tasks as the episode source evaluation.evaluate reads."""
+class TaskList(list):
+    """Single tasks as the episode source evaluation.evaluate reads, kept on the CPU: the loader
+    batches (and may pin) them, evaluate() moves each batch."""
 
     on_device = False
-
-    def __init__(self, tasks: Sequence[Task]):
-        # Kept on the CPU: the loader batches (and may pin) them, evaluate() moves each batch.
-        self.tasks = [Task(*t).to(torch.device("cpu")) for t in tasks]
-
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-    def __getitem__(self, index: int) -> Task:
-        return self.tasks[index]
 
 
 class Learner:
@@ -87,21 +69,17 @@ class Learner:
     def load(cls, path: str | Path, overrides: Sequence[str] = (), device: Optional[str] = None,
              trust_code: bool = False) -> "Learner":
         """A run folder (its best.pt) or a checkpoint file inside one, with its config.yaml plus
-        dotted `overrides` (e.g. "inner.eval_steps=50"); device defaults to the run's run.device.
-
-        The checkpoint records the input channels, size and normalisation, so no data is needed
-        (checkpoints of older versions: the run's train split is opened to learn them; pass
-        "data.root=..." if it has moved). A backbone the run names as code (file.py:Class,
-        module:Class) is imported only with trust_code=True. The model is built under run.seed, as
-        test.py builds it; the caller's global random generators are left as they were.
-        """
+        dotted `overrides`; device defaults to run.device. The checkpoint records how inputs are
+        read, so no data is needed (older checkpoints: the run's train split is opened; pass
+        "data.root=..." if it moved). A backbone named as code is imported only with trust_code.
+        The model is built under run.seed, as test.py builds it; the caller's RNGs are kept."""
         path = Path(path)
         run_dir, file = (path, path / checkpoint.BEST) if path.is_dir() else (path.parent, path)
         config = load_run(run_dir, overrides, trust_code)
         resolved = resolve_device(device or config.run.device)
         caller_rng = rng_states()
         try:
-            seed_everything(config.run.seed, config.run.deterministic)  # as test.py: same init draws
+            seed_everything(config.run.seed, config.run.deterministic)  # test.py's init draws
             state = load_checkpoint(file, resolved)
             inputs = state.get("inputs")
             if inputs is None:
@@ -122,8 +100,6 @@ class Learner:
                 f"{len(self.meta.inner_names)} tensors adapt, {c.inner.eval_steps} inner steps "
                 f"of {c.inner.step_size}, device {self.device})")
 
-    # -- inputs ------------------------------------------------------------------------------
-
     @property
     def model(self) -> torch.nn.Module:
         """The backbone holding theta (use adapt/predict to run it with adapted weights)."""
@@ -143,8 +119,8 @@ class Learner:
             if not isinstance(image, torch.Tensor):
                 image = decode_image(image, self.channels, str(image))
             if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != self.channels:
-                raise ValueError(f"prepare: image {i} must be uint8 pixels ({self.channels}, H, W), "
-                                 f"got {image.dtype} {tuple(image.shape)}")
+                raise ValueError(f"prepare: image {i} must be uint8 pixels ({self.channels}, H, "
+                                 f"W), got {image.dtype} {tuple(image.shape)}")
             pictures.append(image.cpu())
         if not pictures:
             raise ValueError("prepare: no images")
@@ -159,35 +135,26 @@ class Learner:
         return build_episodes(self.config.data, self.dataset(split), EVAL_SEED, augment=False,
                               device=self.device, num_query=self.config.data.test_query)
 
-    # -- adaptation --------------------------------------------------------------------------
-
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,
               steps: Optional[int] = None) -> Params:
         """Weights adapted to one task: `steps` (default inner.eval_steps) masked inner steps on
         the support set, prepared inputs (N, C, S, S) with labels (N,) in 0..num_ways-1."""
         x = self._check_inputs(support_x, "support_x")
         y = self._check_labels(support_y, x.shape[0], "support_y")
-        steps = self._steps(steps)
-        meta = self.meta
-        with torch.no_grad():
-            shared, per_task = meta.draw_masks(1)  # sparse-MAML+: a fresh mask for this task
-            masks = {**shared, **{n: m[0] for n, m in per_task.items()}}
-            params = {n: p.detach() for n, p in meta.model.named_parameters()}
-        return adapt_reference(meta.model, params, meta.inner_names, masks, meta.rule, x, y,
-                               steps, meta.first_order, track_outer=False)
+        steps, meta = self._steps(steps), self.meta
+        params = {n: p.detach() for n, p in meta.model.named_parameters()}
+        return adapt_reference(meta.model, params, meta.inner_names, self._task_masks(), meta.rule,
+                               x, y, steps, meta.first_order, track_outer=False)
 
     def predict(self, weights: Params, query_x: torch.Tensor) -> torch.Tensor:
         """Logits (M, num_ways) of the adapted `weights` on prepared query inputs (M, C, S, S).
-
-        BatchNorm normalises with the statistics of the batch, as in training and test.py: pass a
-        task's query images together.
-        """
+        BatchNorm uses batch statistics, as in training: pass a task's query images together."""
         x = self._check_inputs(query_x, "query_x")
         with torch.no_grad():
             return functional_call(self.meta.model, weights, (x,), strict=True)
 
     def _steps(self, steps: Optional[int]) -> int:
-        """inner.eval_steps for None; 0 means no adaptation; anything else not a count is refused."""
+        """inner.eval_steps for None; 0 means no adaptation; any other non-count is refused."""
         if steps is None:
             return self.config.inner.eval_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
@@ -206,44 +173,44 @@ class Learner:
         return y.to(self.device)
 
     def _check_inputs(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        expected = (self.channels, self.image_size, self.image_size)
+        c, s = self.channels, self.image_size
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor (see Learner.prepare), got {type(x).__name__}")
-        if not torch.is_floating_point(x) or x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{name} must be prepared float inputs of shape (N, {expected[0]}, "
-                             f"{expected[1]}, {expected[2]}) (see Learner.prepare), got {x.dtype} "
-                             f"{tuple(x.shape)}")
+            raise ValueError(f"{name} must be a tensor (see Learner.prepare), got "
+                             f"{type(x).__name__}")
+        if not torch.is_floating_point(x) or x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
+            raise ValueError(f"{name} must be prepared float inputs of shape (N, {c}, {s}, {s}) "
+                             f"(see Learner.prepare), got {x.dtype} {tuple(x.shape)}")
         return x.to(self.device)
 
-    # -- masks -------------------------------------------------------------------------------
+    def _task_masks(self) -> dict[str, torch.Tensor]:
+        """One task's masks (sparse-MAML+: a fresh draw)."""
+        with torch.no_grad():
+            shared, per_task = self.meta.draw_masks(1)
+        return {**shared, **{n: m[0] for n, m in per_task.items()}}
 
     def masks(self) -> dict[str, torch.Tensor]:
         """m = f(phi) per masked parameter (CPU tensors, the parameter's shape): 0/1 for
         sparse-MAML, per-weight learning rates for the lr variants, one fresh draw for
         sparse-MAML+; empty without a mask."""
-        with torch.no_grad():
-            shared, per_task = self.meta.draw_masks(1)
-        values = {**shared, **{n: m[0] for n, m in per_task.items()}}
+        values = self._task_masks()
         return {n: values[n].detach().cpu() for n in self.meta.inner_names if n in values}
 
     def sparsity(self) -> dict[str, float]:
-        """Fraction of entries with inner learning off, per masked parameter and overall ("mean")."""
+        """Fraction of entries whose inner learning is off, per masked parameter and "mean"."""
         return self.meta.mask_sparsity()
-
-    # -- evaluation --------------------------------------------------------------------------
 
     def evaluate(self, tasks: Sequence[Task], steps: Optional[int] = None) -> Evaluation:
         """Query accuracy of each task after adaptation (default inner.eval_steps steps), with
         the mean and 95% interval test.py reports. Tasks hold prepared inputs (see Task)."""
-        tasks = TaskList(tasks)
-        if not len(tasks):
+        tasks = TaskList(Task(*t).to(torch.device("cpu")) for t in tasks)
+        if not tasks:
             raise ValueError("evaluate: no tasks")
-        for i, task in enumerate(tasks.tasks):
+        for i, task in enumerate(tasks):
             self._check_inputs(task.support_x, f"task {i}: support_x")
             self._check_inputs(task.query_x, f"task {i}: query_x")
             self._check_labels(task.support_y, task.support_x.shape[0], f"task {i}: support_y")
             self._check_labels(task.query_y, task.query_x.shape[0], f"task {i}: query_y")
-        shapes = {tuple(tuple(t.shape) for t in task) for task in tasks.tasks}
+        shapes = {tuple(tuple(t.shape) for t in task) for task in tasks}
         # Tasks of different sizes cannot be stacked: adapt them one at a time.
         per_batch = self.config.train.eval_batch_size if len(shapes) == 1 else 1
         accs = evaluate(self.meta, tasks, len(tasks), per_batch, self._steps(steps), self.device)

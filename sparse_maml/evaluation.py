@@ -35,12 +35,13 @@ def evaluate(learner: MetaLearner, episodes: EpisodeDataset, num_tasks: int, tas
     num_batches = -(-num_tasks // tasks_per_batch)
     sizes = [min(tasks_per_batch, num_tasks - b * tasks_per_batch) for b in range(num_batches)]
     blocks = [distributed.block(num_batches, r) for r in range(distributed.world_size())]
-    mine = blocks[distributed.rank()]  # batch numbers this process adapts
+    counts = [sum(sizes[b] for b in block) for block in blocks]
+    rank = distributed.rank()
+    mine = blocks[rank]  # batch numbers this process adapts
     # Started first, and even for an empty block, as in one process: starting a DataLoader draws
     # from torch's generator, which the noise comes from as well.
-    batches = iter(episode_loader(episodes, mine.start * tasks_per_batch,
-                                  sum(sizes[b] for b in mine), tasks_per_batch, num_workers,
-                                  pin_memory=device.type == "cuda"))
+    batches = iter(episode_loader(episodes, mine.start * tasks_per_batch, counts[rank],
+                                  tasks_per_batch, num_workers, pin_memory=device.type == "cuda"))
     for b in range(mine.start):
         learner.skip_masks(sizes[b])
     accuracies = []
@@ -52,12 +53,12 @@ def evaluate(learner: MetaLearner, episodes: EpisodeDataset, num_tasks: int, tas
     for b in range(mine.stop, num_batches):
         learner.skip_masks(sizes[b])
     local = torch.cat(accuracies) if accuracies else torch.zeros(0)
-    return distributed.gather_blocks(local, [sum(sizes[b] for b in r) for r in blocks]).numpy()
+    return distributed.gather_blocks(local, counts).numpy()
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict:
-    """A checkpoint's contents (checkpoint.load); under torchrun rank 0 reads the file and sends
-    it to the others (no shared folder needed)."""
+    """checkpoint.load; under torchrun rank 0 reads the file and sends it to the others (no shared
+    folder needed)."""
     if distributed.is_distributed():
         return distributed.on_main(checkpoint.load, Path(path), map_location="cpu")
     return checkpoint.load(Path(path), map_location=device)
@@ -65,15 +66,14 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
 
 def restore_learner(config: Config, path: Path, state: dict, in_channels: int, image_size: int,
                     device: torch.device) -> MetaLearner:
-    """The meta-learner built from `config` with the weights of `state`, the contents of
-    checkpoint `path` (best.pt or a numbered one)."""
+    """The meta-learner built from `config` with the weights of `state`, read from `path`."""
     learner = build_meta_learner(config, in_channels, image_size).to(device)
     try:
         learner.load_state_dict(state["learner"])
     except RuntimeError as err:
         raise checkpoint.CheckpointError(
-            f"{path} does not fit the model built from the config "
-            f"(did an override change model.*, data.num_ways or the input channels?): {err}") from err
+            f"{path} does not fit the model built from the config (did an override change "
+            f"model.*, data.num_ways or the input channels?): {err}") from err
     return learner
 
 
@@ -86,23 +86,19 @@ def evaluate_split(learner: MetaLearner, config: Config, data_split: FewShotSpli
     seed_everything(config.run.seed, config.run.deterministic)
     episodes = build_episodes(config.data, data_split, EVAL_SEED, augment=False, device=device,
                               num_query=config.data.test_query)
-    return evaluate(learner, episodes,
-                    config.train.num_test_tasks if num_tasks is None else num_tasks,
-                    config.train.eval_batch_size,
-                    config.inner.eval_steps if steps is None else steps, device,
-                    config.data.num_workers,
-                    desc=f"test {config.data.name}/{data_split.split}" if config.run.progress else None)
+    num_tasks = config.train.num_test_tasks if num_tasks is None else num_tasks
+    steps = config.inner.eval_steps if steps is None else steps
+    desc = f"test {config.data.name}/{data_split.split}" if config.run.progress else None
+    return evaluate(learner, episodes, num_tasks, config.train.eval_batch_size, steps, device,
+                    config.data.num_workers, desc)
 
 
 def evaluation_split(config: Config, split: str, inputs: Optional[dict] = None,
                      source: str = "") -> FewShotSplit:
-    """One split of the run's dataset for evaluation, read as the run read its inputs: `inputs`
-    is the record its checkpoint holds (data.input_record; older checkpoints have none, and then
-    the normalisation is found as in training, from the train split).
-
-    Evaluation never downloads (opening a received run writes nothing outside its folder): a
-    missing dataset's message names the command that prepares it.
-    """
+    """One split of the run's dataset, read as the run read its inputs: `inputs` is the record its
+    checkpoint `source` holds (data.input_record; None for older checkpoints: normalised as in
+    training, from the train split). Never downloads: opening a received run writes nothing
+    outside its folder, and a missing dataset's message names the command that prepares it."""
     data = dataclasses.replace(config.data, download=False)
     try:
         if inputs is None:
@@ -116,18 +112,16 @@ def evaluation_split(config: Config, split: str, inputs: Optional[dict] = None,
 
 def test_checkpoint(config: Config, run_dir: Path, split: str = "test",
                     device: Optional[torch.device] = None) -> tuple[np.ndarray, dict]:
-    """Evaluate a run's best checkpoint on `config.train.num_test_tasks` fixed tasks of `split`.
-
-    Under torchrun the tasks are split across the processes.
-    """
+    """Evaluate a run's best checkpoint on `config.train.num_test_tasks` fixed tasks of `split`
+    (under torchrun, split across the processes)."""
     device = device or resolve_device(config.run.device)
     seed_everything(config.run.seed, config.run.deterministic)
     path = Path(run_dir) / checkpoint.BEST
     state = load_checkpoint(path, device)
     inputs = state.get("inputs")
     data_split = evaluation_split(config, split, inputs, str(path))
-    image_size = inputs["image_size"] if inputs else config.data.image_size or data_split.native_size
-    learner = restore_learner(config, path, state, data_split.channels, image_size, device)
+    size = inputs["image_size"] if inputs else config.data.image_size or data_split.native_size
+    learner = restore_learner(config, path, state, data_split.channels, size, device)
     accs = evaluate_split(learner, config, data_split, device)
     return accs, {"epoch": state.get("epoch"), "val_accuracy": state.get("val_accuracy"),
                   "sparsity": learner.mask_sparsity()}

@@ -1,9 +1,7 @@
 """Reading finished runs for the results table and the figures (utils/collect_results.py,
 utils/plot_sparsity.py): which method a config is, which test record of a run counts, and which
-runs are seeds of one cell.
-
-A run folder's config is read by run_folder.read_config (validated; nothing imported). A folder
-that cannot be read is reported and left out; the others are still read.
+runs are seeds of one cell. Configs are read by run_folder.read_config (validated; nothing
+imported); a folder that cannot be read is reported and left out, the others are still read.
 """
 
 from __future__ import annotations
@@ -56,10 +54,11 @@ def changed_keys(record: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if key not in cfg or json.dumps(value) != json.dumps(cfg[key]):
-            if not (isinstance(value, (int, float)) and isinstance(cfg.get(key), (int, float))
-                    and not isinstance(value, bool) and value == cfg[key]):
-                changed.append(item)
+        old = cfg.get(key)
+        equal_numbers = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                         and isinstance(old, (int, float)) and value == old)  # 1 and 1.0
+        if key not in cfg or not (json.dumps(value) == json.dumps(old) or equal_numbers):
+            changed.append(item)
     return changed
 
 
@@ -68,11 +67,10 @@ def method_of(cfg: dict[str, Any]) -> str:
     mask, adapt = cfg["inner.mask"], cfg["inner.adapt"]
     if mask == "none":
         return {"all": "maml", "head": "anil", "body": "boil"}[adapt]
-    if mask == "binary_ste":
-        if cfg["inner.mask_target"] == "weight":
-            method = "weight_mask"
-        else:
-            method = "sparse_maml_plus" if cfg["inner.mask_generator"] else "sparse_maml"
+    if mask == "binary_ste" and cfg["inner.mask_target"] == "weight":
+        method = "weight_mask"
+    elif mask == "binary_ste":
+        method = "sparse_maml_plus" if cfg["inner.mask_generator"] else "sparse_maml"
     else:
         method = {"relu_ste": "sparse_relu_maml", "relu": "relu_lr", "linear": "meta_sgd",
                   "exp": "exp_lr"}[mask]
@@ -90,8 +88,8 @@ class Run:
     @property
     def cell(self) -> tuple[str, str, int, int, str, str]:
         c = self.cfg
-        return (method_of(c), c["model.arch"], c["data.num_ways"], c["data.num_shots"], c["data.name"],
-                self.protocol)
+        return (method_of(c), c["model.arch"], c["data.num_ways"], c["data.num_shots"],
+                c["data.name"], self.protocol)
 
     @property
     def protocol(self) -> str:
@@ -103,11 +101,8 @@ class Run:
 
     def select_tests(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
         """(dataset -> the test record that counts, one line per test record left out and why).
-
-        Counts: test split, made by train.py or by test.py without an experiment-changing override
-        (see changed_keys); of those, the most test tasks, then the latest.
-        """
-        chosen: dict[str, dict[str, Any]] = {}
+        Counts: test split, no override that changes the experiment (changed_keys); of those, the
+        most test tasks, then the latest."""
         left_out: list[str] = []
         candidates: dict[str, list[dict[str, Any]]] = {}
         for record in self.records:
@@ -115,21 +110,22 @@ class Run:
                 continue
             dataset = record.get("dataset", self.cfg["data.name"])
             if record.get("split", "test") != "test":
-                left_out.append(f"{dataset} record on the {record['split']} split (not a test result)")
-                continue
-            changed = changed_keys(record, self.cfg)
-            if changed:  # e.g. inner.eval_steps=100: another experiment, not this cell
-                left_out.append(f"{dataset} record made with {' '.join(changed)} (another experiment)")
-                continue
-            candidates.setdefault(dataset, []).append(record)
+                left_out.append(f"{dataset} record on the {record['split']} split (not a test "
+                                "result)")
+            elif changed := changed_keys(record, self.cfg):  # e.g. inner.eval_steps=100
+                left_out.append(f"{dataset} record made with {' '.join(changed)} (another "
+                                "experiment)")
+            else:
+                candidates.setdefault(dataset, []).append(record)
+        chosen = {}
         for dataset, records in candidates.items():
-            best = max(range(len(records)), key=lambda i: (int(records[i].get("num_tasks", 0)), i))
-            chosen[dataset] = records[best]
-            for i, record in enumerate(records):
-                if i != best:
-                    left_out.append(f"{dataset} record of {record.get('num_tasks', '?')} tasks "
-                                    f"({100 * record['accuracy']:.2f}%): the record of "
-                                    f"{records[best].get('num_tasks', '?')} tasks counts")
+            # The most test tasks, then the latest (of equals, max returns the first: reversed).
+            best = max(reversed(records), key=lambda r: int(r.get("num_tasks", 0)))
+            chosen[dataset] = best
+            left_out += [f"{dataset} record of {r.get('num_tasks', '?')} tasks "
+                         f"({100 * r['accuracy']:.2f}%): the record of "
+                         f"{best.get('num_tasks', '?')} tasks counts" for r in records
+                         if r is not best]
         return chosen, left_out
 
     def test_results(self) -> dict[str, dict[str, Any]]:
@@ -137,7 +133,7 @@ class Run:
         return self.select_tests()[0]
 
 
-def report_left_out(runs: list["Run"]) -> None:
+def report_left_out(runs: list[Run]) -> None:
     """Warn about every test record that does not count, run by run."""
     for run in runs:
         for reason in run.select_tests()[1]:
@@ -153,16 +149,15 @@ def find_runs(paths: list[str]) -> list[Run]:
         candidates = [p] if (p / CONFIG).is_file() else sorted(c.parent for c in p.rglob(CONFIG))
         folders += [c for c in candidates if (c / METRICS).is_file() and c not in folders]
     if not folders:
-        raise FileNotFoundError(f"no run folder (config.yaml + metrics.jsonl) under {' '.join(paths)}")
+        raise FileNotFoundError(f"no run folder (config.yaml + metrics.jsonl) under "
+                                f"{' '.join(paths)}")
     runs = []
     for folder in folders:
         try:
-            cfg = flatten(to_dict(read_config(folder)))
-            records = read_metrics(folder, warn)
+            runs.append(Run(folder, flatten(to_dict(read_config(folder))),
+                            read_metrics(folder, warn)))
         except (ConfigError, ValueError, OSError) as err:
             warn(f"{folder}: left out: {err}")
-            continue
-        runs.append(Run(folder, cfg, records))
     if not runs:
         raise FileNotFoundError(f"none of the {len(folders)} run folders under {' '.join(paths)} "
                                 "could be read (see the warnings above)")
@@ -172,5 +167,3 @@ def find_runs(paths: list[str]) -> list[Run]:
 def default_out(runs: list[Run]) -> Path:
     """The common parent folder of the run folders."""
     return Path(os.path.commonpath([str(r.path.resolve().parent) for r in runs]))
-
-

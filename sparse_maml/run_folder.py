@@ -1,10 +1,9 @@
 """The run folder: its files, its rules, and the one reader of a run's config.
 
-A run folder holds config.yaml (the resolved config), metrics.jsonl and TensorBoard events
-(run_log.py), numbered checkpoints and best.pt (checkpoint.py), `.run-files` and a lock
-(run_lock.py). Every entry point that opens an existing run (train.py --resume, test.py, the
-Python API, the results and figure scripts) reads it with `load_run`, so the rules for a folder
-received from someone else are written once, here:
+A run folder holds config.yaml, metrics.jsonl and TensorBoard events (run_log.py), checkpoints
+(checkpoint.py), `.run-files` and a lock (run_lock.py). Every entry point that opens an existing
+run (train.py --resume, test.py, the Python API, the results scripts) reads it here (`load_run`,
+`read_config`), so the rules for a folder received from someone else are written once:
 
 - its config is read by config.read_yaml (bounded, strict YAML) and validated; nothing is imported;
 - a backbone it names as code (`model.arch: file.py:Class` or `module:Class`) is imported only with
@@ -44,9 +43,14 @@ def read_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
     run_dir = Path(run_dir)
     path = run_dir / CONFIG
     if not path.is_file():
-        hint = _similar_runs(run_dir)
+        try:  # train.py adds a timestamp to run.name: name the folders it may have meant
+            found = sorted(p for p in run_dir.parent.glob(f"{run_dir.name}-*")
+                           if (p / CONFIG).is_file())
+        except OSError:
+            found = []
+        hint = f" (run folders beside it: {', '.join(map(str, found[-3:]))})" if found else ""
         raise ConfigError(f"{run_dir} holds no {CONFIG}: is it a run folder written by train.py?"
-                          + (f" (run folders beside it: {hint})" if hint else ""))
+                          + hint)
     base = read_yaml(path)
     try:
         return load_config(None, list(overrides), base=base)
@@ -54,36 +58,21 @@ def read_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"{path}{' with the overrides' if overrides else ''}: {err}") from err
 
 
-def _similar_runs(run_dir: Path) -> str:
-    """Run folders named `<run_dir's name>-<timestamp>` beside it (train.py adds the timestamp)."""
-    try:
-        found = sorted(p for p in run_dir.parent.glob(f"{run_dir.name}-*") if (p / CONFIG).is_file())
-    except OSError:
-        return ""
-    return ", ".join(str(p) for p in found[-3:])
-
-
-def load_run(run_dir: str | Path, overrides: Sequence[str] = (), trust_code: bool = False) -> Config:
-    """The config of an existing run, for evaluating or continuing it (see read_config).
-
-    Refuses (UntrustedCode) a backbone named as code by the folder unless `trust_code`, or unless
-    the overrides name model.arch themselves (the caller's own choice).
-    """
+def load_run(run_dir: str | Path, overrides: Sequence[str] = (),
+             trust_code: bool = False) -> Config:
+    """The config of an existing run (read_config); UntrustedCode for a backbone it names as code
+    unless `trust_code` or the overrides name model.arch themselves (the caller's own choice)."""
     config = read_config(run_dir, overrides)
+    arch = config.model.arch
     chosen = "arch" in parse_overrides(list(overrides)).get("model", {})
-    if is_custom_arch(config.model.arch) and not (trust_code or chosen):
-        check_trusted(config, Path(run_dir) / CONFIG)
+    if is_custom_arch(arch) and not (trust_code or chosen):
+        where = arch.rpartition(":")[0]
+        what = f"the file {where}" if where.endswith(".py") else f"the module {where}"
+        raise UntrustedCode(
+            f"{Path(run_dir) / CONFIG} names model.arch={shorten(arch)[1:-1]}: building the "
+            f"model would import (run) {what}. If you trust that code, pass --trust-code "
+            "(trust_code=True in the Python API)")
     return config
-
-
-def check_trusted(config: Config, source: Path) -> None:
-    """Raise UntrustedCode: `source` (a received file) names a backbone that is code."""
-    where = config.model.arch.rpartition(":")[0]
-    what = f"the file {where}" if where.endswith(".py") else f"the module {where}"
-    raise UntrustedCode(
-        f"{source} names model.arch={shorten(config.model.arch)[1:-1]}: building the model would "
-        f"import (run) {what}. If you trust that code, pass --trust-code (trust_code=True in "
-        "the Python API)")
 
 
 def holds_run(path: Path) -> bool:
@@ -106,28 +95,19 @@ def record_written(run_dir: Path, *names: str) -> None:
             f.write("".join(f"{n}\n" for n in new))
 
 
-def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporaries (`.<name>.*.tmp`) that killed saves of the run's own files left."""
-    run_dir = Path(run_dir)
-    stale = [p for name in written_files(run_dir) if "/" not in name
-             for p in run_dir.glob(f".{name}.*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def remove_written(run_dir: Path) -> list[Path]:
-    """Delete the files the run in `run_dir` recorded (with their temporaries) and the record."""
+def remove_stale_temporaries(run_dir: Path, with_files: bool = False) -> list[Path]:
+    """Delete the temporaries (`.<name>.*.tmp`) that killed saves of the run's own files left, and
+    with `with_files` (run.overwrite=true) those files themselves."""
     run_dir = Path(run_dir)
     removed = []
     for name in written_files(run_dir):
-        if "/" in name or name in ("", ".", ".."):  # a record names files of this folder only
+        if "/" in name or name in (".", ".."):  # a record names files of this folder only
             continue
-        for path in [run_dir / name, *run_dir.glob(f".{name}.*.tmp")]:
+        temporaries = list(run_dir.glob(f".{name}.*.tmp"))
+        for path in [run_dir / name, *temporaries] if with_files else temporaries:
             if path.is_file():
-                path.unlink()
+                path.unlink(missing_ok=True)
                 removed.append(path)
-    (run_dir / WRITTEN).unlink(missing_ok=True)
     return removed
 
 
@@ -139,32 +119,15 @@ def write_config(config: Config, path: Path) -> None:
 
 def make_folder(path: Path, exist_ok: bool) -> None:
     """mkdir -p, with a message naming the path when it cannot be made (a file in the way, ...)."""
+    where = f"run folder {path} (run.dir, or under run.out_dir)"
     try:
         path.mkdir(parents=True, exist_ok=exist_ok)
     except FileExistsError:
         if exist_ok or not path.is_dir():
-            raise ConfigError(f"run folder {path} (run.dir, or under run.out_dir): a file of that "
-                              "name is in the way")
+            raise ConfigError(f"{where}: a file of that name is in the way")
         raise
     except OSError as err:  # a file where a parent folder should be, no permission, ...
-        raise ConfigError(f"run folder {path} (run.dir, or under run.out_dir) cannot be created: "
-                          f"{err.strerror or err}") from err
-
-
-def run_dir_path(config: Config) -> Path:
-    """run.dir, or a new <out_dir>/<name>-<timestamp>[-<k>] folder, created here so that two runs
-    started in the same second never get the same one (mkdir either makes it or fails)."""
-    if config.run.dir:
-        return Path(config.run.dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for suffix in range(10_000):
-        path = Path(config.run.out_dir) / f"{config.run.name}-{stamp}{f'-{suffix}' if suffix else ''}"
-        try:
-            make_folder(path, exist_ok=False)
-            return path
-        except FileExistsError:
-            continue
-    raise ConfigError(f"run.out_dir={config.run.out_dir}: no free folder name for {config.run.name}")
+        raise ConfigError(f"{where} cannot be created: {err.strerror or err}") from err
 
 
 def _refuse_used(path: Path, config: Config) -> None:
@@ -176,19 +139,28 @@ def _refuse_used(path: Path, config: Config) -> None:
 
 
 def new_run_dir(config: Config) -> Path:
-    """The folder a new run will use; refuses (FileExistsError) one that holds a run unless
-    run.overwrite is set. Creates only a new time-stamped folder (empty)."""
-    path = run_dir_path(config)
-    _refuse_used(path, config)
-    return path
+    """The folder a new run will use: run.dir, refused (FileExistsError) if it holds a run unless
+    run.overwrite is set; or a new <out_dir>/<name>-<timestamp>[-<k>] folder, created (empty) here
+    so that two runs started in the same second never get the same one (mkdir makes it or fails)."""
+    if config.run.dir:
+        _refuse_used(Path(config.run.dir), config)
+        return Path(config.run.dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in range(10_000):
+        name = f"{config.run.name}-{stamp}" + (f"-{suffix}" if suffix else "")
+        path = Path(config.run.out_dir) / name
+        try:
+            make_folder(path, exist_ok=False)
+        except FileExistsError:
+            continue
+        return path
+    raise ConfigError(f"run.out_dir={config.run.out_dir}: no free folder name for "
+                      f"{config.run.name}")
 
 
 def make_run_dir(config: Config, path: Optional[Path] = None) -> Path:
     """Create the folder of a new run (`path`, default new_run_dir) and write its config.yaml.
-
-    With run.overwrite, the files an earlier run recorded as written there are deleted first (and
-    only those); a folder holding a run without that record is refused.
-    """
+    With run.overwrite, the files an earlier run recorded there are deleted first (only those)."""
     path = path or new_run_dir(config)
     make_folder(path, exist_ok=True)
     if holds_run(path):
@@ -198,38 +170,35 @@ def make_run_dir(config: Config, path: Optional[Path] = None) -> Path:
                 f"run.overwrite=true: {path} holds a run with no record of the files it wrote "
                 f"({WRITTEN}; written by an older version), so nothing there is deleted; delete "
                 "the run's files yourself or choose another run.dir")
-        remove_written(path)
+        remove_stale_temporaries(path, with_files=True)
+        (path / WRITTEN).unlink(missing_ok=True)
     write_config(config, path / CONFIG)
     return path
 
 
-def config_differences(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (old value, new value) for every field that differs."""
-    before, after = flatten(to_dict(old)), flatten(to_dict(new))
-    return {k: (before[k], after[k]) for k in before if before[k] != after[k]}
-
-
 def check_resumable(old: Config, new: Config, run_dir: Path) -> dict[str, tuple[Any, Any]]:
-    """Refuse (ConfigError listing each key: old -> new) changes that would invalidate the run.
-
-    Returns the accepted differences.
-    """
-    changes = config_differences(old, new)
+    """Dotted key -> (old, new) for each field that differs; ConfigError listing those that would
+    invalidate the run (not in RESUMABLE)."""
+    before, after = flatten(to_dict(old)), flatten(to_dict(new))
+    changes = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     refused = {k: v for k, v in changes.items() if k not in RESUMABLE}
     if refused:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ConfigError(
-            f"cannot resume {run_dir}: the config differs from its {CONFIG} in keys that change the "
-            f"model, the mask, the optimizers or the episode stream:\n{lines}\n"
+            f"cannot resume {run_dir}: the config differs from its {CONFIG} in keys that change "
+            f"the model, the mask, the optimizers or the episode stream:\n{lines}\n"
             "start a new run for these, or drop the overrides (keys that may change on resume: "
             f"{', '.join(sorted(RESUMABLE))})")
     return changes
 
 
-def is_kept_on_resume(record: dict[str, Any]) -> bool:
-    """Records a resume never cuts: test.py's evaluations (kind test, step -1), which the resumed
-    run does not replay."""
-    return record.get("kind") == "test" and record.get("step") == -1
+def check_existing_run(config: Config, run_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """Check `config` may continue the run in `run_dir`; returns the changes (check_resumable)."""
+    try:
+        saved = read_config(run_dir)
+    except ConfigError as err:
+        raise ConfigError(f"cannot resume {run_dir}: {err}") from err
+    return check_resumable(saved, config, run_dir)
 
 
 def read_metrics(run_dir: str | Path, warn: Any = None) -> list[dict[str, Any]]:
@@ -242,27 +211,18 @@ def read_metrics(run_dir: str | Path, warn: Any = None) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8", errors="replace") as f:
         numbered = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
     records = []
-    for position, (number, line) in enumerate(numbered):
+    for number, line in numbered:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            if position == len(numbered) - 1:
-                if warn is not None:
-                    warn(f"{path}: line {number} is incomplete (the run may still be writing it, or "
-                         f"was stopped mid-write); skipped: {line[:60]!r}")
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}); the file is "
-                             "damaged: repair or remove that line") from err
+            if number != numbered[-1][0]:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}); the file "
+                                 "is damaged: repair or remove that line") from err
+            if warn is not None:
+                warn(f"{path}: line {number} is incomplete (the run may still be writing it, or "
+                     f"was stopped mid-write); skipped: {line[:60]!r}")
+            break
         if not isinstance(record, dict):
             raise ValueError(f"{path}: line {number} is not a JSON object")
         records.append(record)
     return records
-
-
-def check_existing_run(config: Config, run_dir: Path) -> dict[str, tuple[Any, Any]]:
-    """Check `config` may continue the run in `run_dir` (see check_resumable); returns the changes."""
-    try:
-        saved = read_config(run_dir)
-    except ConfigError as err:
-        raise ConfigError(f"cannot resume {run_dir}: {err}") from err
-    return check_resumable(saved, config, run_dir)

@@ -13,49 +13,48 @@ from typing import Any, Optional
 import torch
 
 from .config import Config, write_yaml
-from .run_folder import METRICS, is_kept_on_resume, record_written
+from .run_folder import METRICS, record_written
 from .trackers import flat_params, open_trackers
 
 
 class RunLog:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    When a run is resumed, `truncate_to` cuts metrics.jsonl back to the bytes its checkpoint had
-    seen and `purge_step` hides TensorBoard events from that step on, so records written after the
-    checkpoint (and replayed by the resumed run) appear once. test.py's records after that point
-    are kept (written back after the cut); `kept` and `dropped` list what was kept and cut.
-    `lock` (a RunLock) is released by close(). `record=False` (test.py appending to a run it did
-    not write) leaves the run's record of its files alone.
+    On resume `truncate_to` cuts metrics.jsonl back to the bytes its checkpoint had seen and
+    `purge_step` hides TensorBoard events from that step on, so records the resumed run replays
+    appear once; test.py's records after that point are written back (`kept` and `dropped` list
+    what was kept and cut). close() releases `lock` (a RunLock). `record=False` (test.py appending
+    to a run it did not write) leaves the run's record of its files alone.
     """
 
     def __init__(self, run_dir: Path, tensorboard: bool, truncate_to: Optional[int] = None,
                  purge_step: Optional[int] = None, lock: Any = None, record: bool = True,
                  config: Optional[Config] = None):
-        self.path = Path(run_dir) / METRICS
-        self.config = config
-        self.lock = lock
+        run_dir = Path(run_dir)
+        self.path = run_dir / METRICS
+        self.config, self.lock = config, lock
         self.kept: list[dict[str, Any]] = []
         self.dropped: list[dict[str, Any]] = []
         if record:
-            record_written(Path(run_dir), METRICS)
-        if truncate_to is not None and self.path.is_file() and self.path.stat().st_size > truncate_to:
+            record_written(run_dir, METRICS)
+        if truncate_to is not None and self.size() > truncate_to:
             self._cut(truncate_to)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            before = set(Path(run_dir).glob("events.out.tfevents.*"))
+            before = set(run_dir.glob("events.out.tfevents.*"))
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
             self.writer.flush()
-            record_written(Path(run_dir), *sorted(p.name for p in
-                                                   set(Path(run_dir).glob("events.out.tfevents.*")) - before))
+            new = set(run_dir.glob("events.out.tfevents.*")) - before
+            record_written(run_dir, *sorted(p.name for p in new))
             if config is not None:
                 text = io.StringIO()
                 write_yaml(config, text)  # indented: Markdown shows it as a code block
                 self.writer.add_text("config", "".join(f"    {line}\n" for line in
                                                        text.getvalue().splitlines()))
         # The trackers (W&B, MLflow) the config turns on; test.py's log (no config) has none.
-        self.trackers = open_trackers(config, Path(run_dir)) if config is not None else []
+        self.trackers = open_trackers(config, run_dir) if config is not None else []
 
     def _cut(self, size: int) -> None:
         """Truncate metrics.jsonl to `size` bytes, then append back test.py's records after it."""
@@ -70,7 +69,7 @@ class RunLog:
                 continue
             if not isinstance(record, dict):
                 continue
-            if is_kept_on_resume(record):
+            if (record.get("kind"), record.get("step")) == ("test", -1):  # test.py's: not replayed
                 self.kept.append(record)
                 kept_lines.append(line if line.endswith("\n") else line + "\n")
             else:
@@ -88,15 +87,19 @@ class RunLog:
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         """Record `values` under `kind` (train, val, test, ...) at global meta-batch `step`."""
-        record = {"kind": kind, "step": step, **values}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         numbers = {}
         for key, value in values.items():
             if isinstance(value, dict):
-                numbers |= {f"{kind}/{key}/{sub}": v for sub, v in value.items()}
+                numbers |= {f"{key}/{sub}": v for sub, v in value.items()}
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                numbers[f"{kind}/{key}"] = value
+                numbers[key] = value
+        self.scalars(kind, step, **numbers)
+
+    def scalars(self, kind: str, step: int, **values: float) -> None:
+        """Scalars under `kind/` at meta-batch `step`, to TensorBoard and the trackers only."""
+        numbers = {f"{kind}/{key}": value for key, value in values.items()}
         if self.writer is not None:
             for tag, value in numbers.items():
                 self.writer.add_scalar(tag, value, step)
@@ -124,14 +127,6 @@ class RunLog:
             tracker.finish(metrics)
         self.trackers = []
 
-    def scalars(self, kind: str, step: int, **values: float) -> None:
-        """TensorBoard only (not metrics.jsonl): scalars under `kind/` at global meta-batch `step`."""
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"{kind}/{key}", value, step)
-        for tracker in self.trackers:
-            tracker.log(step, {f"{kind}/{key}": value for key, value in values.items()})
-
     def flush(self) -> None:
         """Push TensorBoard events to disk (metrics.jsonl is written line by line)."""
         if self.writer is not None:
@@ -153,16 +148,11 @@ class NullRunLog(RunLog):
     """Stands in for RunLog on torchrun processes other than rank 0: writes nothing."""
 
     def __init__(self) -> None:
-        self.writer = None
-        self.config = None
-        self.trackers = []
-        self.lock = None
-        self.kept, self.dropped = [], []
+        self.writer = self.config = self.lock = None
+        self.trackers, self.kept, self.dropped = [], [], []
 
     def size(self) -> int:
         return 0
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         pass
-
-
