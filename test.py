@@ -1,4 +1,5 @@
-"""Evaluate a run's best checkpoint on fixed test tasks: see `python test.py --help`; the command is sparse_maml/cli/test.py."""
+"""Evaluate a run's best checkpoint on fixed test tasks: see `python test.py --help`; the command
+is sparse_maml/cli/test.py."""
 
 import sys
 

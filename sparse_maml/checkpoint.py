@@ -54,19 +54,16 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save through files.atomic_write: a crash part-way leaves the previous file untouched."""
+    """torch.save through files.atomic_write: a crash part-way leaves the old file as it was."""
     path = Path(path)
     try:
         atomic_write(path, lambda f: torch.save(obj, f), binary=True)
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
+        first = (str(err).strip().splitlines() or [""])[0]
         raise CheckpointError(
-            f"could not write checkpoint {path} ({_first_line(err)}); the previous checkpoints are "
-            "intact. Free disk space (or raise the file-size limit) and resume the run") from err
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+            f"could not write checkpoint {path} ({type(err).__name__}: {first}); the previous "
+            "checkpoints are intact. Free disk space (or raise the file-size limit) and resume the "
+            "run") from err
 
 
 def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -85,11 +82,14 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt: record {bad} fails its CRC check")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused a global: not tensors and plain data
+    except pickle.UnpicklingError as err:  # weights_only refused a global: not plain data
+        # the 'Unsupported global: ...' clause of torch's message, without its advice
+        match = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(err))
+        refused = f"global {match.group(1)}" if match else "a global"
         raise CheckpointError(
             f"checkpoint {path} holds objects other than tensors and plain values (a file from an "
-            f"older version, or a crafted one); it was not loaded, so nothing in it ran "
-            f"({_refused_global(err)})") from err
+            f"older version, or a crafted one); it was not loaded, so nothing in it ran (refused "
+            f"{refused})") from err
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "
                               f"{err})") from err
@@ -97,7 +97,8 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is not a sparse_maml checkpoint")
     weights = state["learner"]
     if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
-        raise CheckpointError(f"checkpoint {path}: its weights are not a mapping of names to tensors")
+        raise CheckpointError(f"checkpoint {path}: its weights are not a mapping of names to "
+                              "tensors")
     bad = [name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
@@ -106,20 +107,10 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     return state
 
 
-def _refused_global(err: Exception) -> str:
-    """The 'Unsupported global: ...' clause of torch's weights_only error, without its advice."""
-    match = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(err))
-    return f"refused global {match.group(1)}" if match else "refused a global"
-
-
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of the numbered checkpoints in `run_dir`, oldest first."""
-    found = []
-    for path in Path(run_dir).glob("checkpoint-*.pt"):
-        match = _NUMBERED.fullmatch(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    matches = [(_NUMBERED.fullmatch(p.name), p) for p in Path(run_dir).glob("checkpoint-*.pt")]
+    return sorted((int(match.group(1)), path) for match, path in matches if match)
 
 
 def prune(run_dir: str | Path, keep: int) -> list[Path]:
@@ -138,8 +129,8 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return stale
 
 
-def load_latest(run_dir: str | Path, report: Callable[[str], None] = print,
-                map_location: Any = "cpu") -> Optional[tuple[Path, dict[str, Any]]]:
+def load_latest(run_dir: str | Path, report: Callable[[str], None] = print
+                ) -> Optional[tuple[Path, dict[str, Any]]]:
     """The newest numbered checkpoint that loads, falling back to older ones; None if there is none.
 
     Each file that fails to load is reported (the message names it). If checkpoints exist but none
@@ -148,7 +139,7 @@ def load_latest(run_dir: str | Path, report: Callable[[str], None] = print,
     failures = []
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load(path, map_location)
+            return path, load(path)
         except CheckpointError as err:
             failures.append(str(err))
             report(f"warning: {err}; trying the previous checkpoint")
@@ -176,9 +167,8 @@ class TrainState:
     epoch_accuracies: list[float] = field(default_factory=list)
     epoch_skipped: int = 0
     epoch_seconds: float = 0.0  # wall-clock seconds spent in the epoch before the last checkpoint
-    # Meta-batches done when the outer optimizers' state was last cleared
-    # (outer.reset_optimizer_every): one reset per reset point, whichever side of it a checkpoint
-    # was written.
+    # Meta-batches done at the last clear of the outer optimizers (outer.reset_optimizer_every):
+    # one reset per reset point, whichever side of it a checkpoint was written.
     optimizer_reset_step: int = 0
 
 
@@ -193,14 +183,15 @@ def _train_state(saved: Any, path: Path, batches_per_epoch: int) -> TrainState:
         value, where = saved[f.name], f"checkpoint {path}: state.{f.name}"
         if f.type == "int":
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise CheckpointError(f"{where} must be a count (an integer >= 0), got {value!r:.60}")
+                raise CheckpointError(f"{where} must be a count (an integer >= 0), got "
+                                      f"{value!r:.60}")
         elif f.type == "float":
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise CheckpointError(f"{where} must be a number, got {value!r:.60}")
             value = float(value)
         else:  # the running epoch's losses and accuracies
             if (not isinstance(value, list) or len(value) > batches_per_epoch
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                    or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in value)):
                 raise CheckpointError(f"{where} must be a list of at most {batches_per_epoch} "
                                       "numbers")
             value = [float(v) for v in value]
@@ -218,7 +209,8 @@ def rng_states() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(internal), gauss],
             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
-                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                      "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -322,7 +314,8 @@ def restore_checkpoint(exp: Any, saved: dict, path: Path) -> None:
         raise ConfigError(f"train.epochs={train.epochs}, but {path} has already completed "
                           f"{exp.state.epoch} epochs")
     recorded = saved.get("inputs")  # checkpoints of older versions do not record their inputs
-    if isinstance(recorded, dict) and recorded.get("statistics_key") != exp.inputs["statistics_key"]:
+    key = exp.inputs["statistics_key"]
+    if isinstance(recorded, dict) and recorded.get("statistics_key") != key:
         raise CheckpointError(
             f"checkpoint {path}: the train images under data.root are not those the run was "
             "normalised with (their content changed, so would the normalisation statistics); "
@@ -358,5 +351,5 @@ def check_against_checkpoint(config: Config, saved: dict, path: Path) -> None:
     try:
         check_resumable(used, config, path.parent)
     except ConfigError as err:
-        raise ConfigError(f"{err}\n(compared with the config stored in {path}, which is what the run "
-                          f"used: was {CONFIG} edited by hand?)") from err
+        raise ConfigError(f"{err}\n(compared with the config stored in {path}, which is what the "
+                          f"run used: was {CONFIG} edited by hand?)") from err

@@ -11,6 +11,7 @@ process's own, so of two processes that found it stale only one removes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -33,7 +34,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
+        pass
     return True
 
 
@@ -109,10 +110,8 @@ class RunLock:
         except FileNotFoundError:  # the other took it over meanwhile
             return
         if _read(moved) != holder:  # moved a lock just taken by another process: put it back
-            try:
+            with contextlib.suppress(OSError):
                 os.link(moved, self.path)
-            except OSError:
-                pass
             moved.unlink(missing_ok=True)
             return
         moved.unlink(missing_ok=True)
@@ -121,7 +120,7 @@ class RunLock:
     def release(self) -> None:
         """Remove the lock file if this process still holds it."""
         if self.held:
-            holder = _read(self.path)
-            if holder and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
+            holder = _read(self.path) or {}
+            if (holder.get("pid"), holder.get("host")) == (self.me["pid"], self.me["host"]):
                 self.path.unlink(missing_ok=True)
             self.held = False

@@ -49,10 +49,8 @@ def print_sparsity(sparsity: dict[str, float]) -> None:
     """Per-layer mask sparsity as a small table."""
     if not sparsity:
         return
-    sparsity = dict(sparsity)
-    mean = sparsity.pop("mean")
+    layers = {name: value for name, value in sparsity.items() if name != "mean"}
     print("mask sparsity (fraction of weights with inner-loop learning off):")
-    width = max(len(n) for n in sparsity)
-    for name, value in sparsity.items():
+    width = max(map(len, layers))
+    for name, value in [*layers.items(), ("all masked weights", sparsity["mean"])]:
         print(f"  {name:<{width}}  {value:6.1%}")
-    print(f"  {'all masked weights':<{width}}  {mean:6.1%}")

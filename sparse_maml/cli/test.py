@@ -11,7 +11,7 @@ imported only with --trust-code, and nothing is downloaded (see docs/runs.md).
 
 from __future__ import annotations
 
-import argparse
+from argparse import ArgumentParser, RawTextHelpFormatter
 from pathlib import Path
 
 from .. import distributed
@@ -24,9 +24,10 @@ from . import print_sparsity, run_command
 
 def main(argv: list[str] | None = None) -> tuple[float, float]:
     """Rebuild a run from its config.yaml, apply overrides, test best.pt; returns (mean, ci95)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=RawTextHelpFormatter)
     parser.add_argument("run_dir", help="run folder written by train.py")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.num_test_tasks=1000")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides, e.g. train.num_test_tasks=1000")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--trust-code", action="store_true",
                         help="allow importing the backbone code (model.arch: file.py:Class or "
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     log.log("test", -1, dataset=config.data.name, split=args.split, accuracy=mean, ci95=ci,
             num_tasks=len(accs), steps=config.inner.eval_steps, epoch=info["epoch"],
             overrides=args.overrides)
-    print(f"{config.data.name}/{args.split}: {mean:.2%} +- {ci:.2%} (95% CI over {len(accs)} tasks, "
-          f"{config.inner.eval_steps} inner steps, checkpoint of epoch {info['epoch']})")
+    print(f"{config.data.name}/{args.split}: {mean:.2%} +- {ci:.2%} (95% CI over {len(accs)} "
+          f"tasks, {config.inner.eval_steps} inner steps, checkpoint of epoch {info['epoch']})")
     print_sparsity(info["sparsity"])
     return mean, ci
 

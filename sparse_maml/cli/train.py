@@ -20,7 +20,6 @@ results as one process; only rank 0 prints and writes the run folder. See docs/d
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -28,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+from argparse import ArgumentParser, RawTextHelpFormatter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,16 +50,15 @@ EXIT_DIVERGED = 4  # the NaN guard stopped the run (a checkpoint of the last goo
 class StopSignal:
     """Context manager: the first SIGTERM/SIGINT/SIGUSR2 asks the training loop to stop after the
     current meta-batch (call the object to ask whether one came); a second SIGTERM or SIGINT ends
-    the process at once.
+    the process at once. Installed around fit(), only in the main thread.
 
-    SIGUSR2 is the warning Slurm (through submitit) sends before a job's time limit; it reaches
-    every process of the job, and the job's wrapper may pass it on again, so a repeated SIGUSR2
-    never ends the process. Installed around fit(), never on import; outside the main thread it
-    does nothing.
+    SIGUSR2 is Slurm's (submitit's) warning before a job's time limit; it reaches every process of
+    the job and the job's wrapper may pass it on again, so a repeated one never ends the process.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)):
-        self.signals = signals
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+    def __init__(self):
         self.received: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
@@ -67,18 +66,15 @@ class StopSignal:
         return self.received is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:  # second signal: die of it, now
-            if signum == signal.SIGUSR2:
-                return
+        if self.received is None:
+            self.received = signum
+        elif signum != signal.SIGUSR2:  # a second SIGTERM or SIGINT: die of it, now
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-            return
-        self.received = signum
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
-            for signum in self.signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -87,31 +83,10 @@ class StopSignal:
         self._previous.clear()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("-c", "--config", help="YAML config file (defaults: the built-in demo)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its newest loadable checkpoint, with "
-                             "RUN_DIR/config.yaml plus the overrides (model-changing ones are refused)")
-    parser.add_argument("--check-data", action="store_true",
-                        help="decode every image of every split the run reads, list the files that "
-                             "fail, and exit (1 if any failed) without training")
-    parser.add_argument("--trust-code", action="store_true",
-                        help="with --resume: allow importing the backbone code (model.arch: "
-                             "file.py:Class or module:Class) that the run folder names")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (file, then overrides) as YAML and exit "
-                             "without training or writing anything")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inner.steps=35")
-    return parser.parse_intermixed_args(argv)  # options and overrides in any order
-
-
 def load_run_config(config_file: Optional[str], overrides: list[str], resume: Optional[str] = None,
                     trust_code: bool = False) -> tuple[Config, Optional[Path]]:
     """The config, and the run folder to continue (--resume, or run.resume=auto on a used run.dir).
-
-    With --resume the config is the folder's, read by run_folder.load_run: a backbone that it
-    names as code is imported only with trust_code.
+    With --resume the config is the folder's (run_folder.load_run: code it names needs trust_code).
     """
     if resume is not None:
         if config_file:
@@ -123,22 +98,18 @@ def load_run_config(config_file: Optional[str], overrides: list[str], resume: Op
         config = load_run(run_dir, [*kept, f"run.dir={json.dumps(str(run_dir))}"], trust_code)
         return config, run_dir
     config = load_config(config_file, overrides)
-    if config.run.resume == "auto" and holds_run(Path(config.run.dir)):
-        # The backbone is the one this config names (the user's choice): a folder that names
-        # another is refused by the resume's config check, before anything is built.
-        return config, Path(config.run.dir)
-    return config, None
+    # The backbone is the one this config names (the user's choice): a folder that names another
+    # is refused by the resume's config check, before anything is built.
+    used = config.run.resume == "auto" and holds_run(Path(config.run.dir))
+    return config, Path(config.run.dir) if used else None
 
 
 def cross_domain_configs(config: Config, image_size: int) -> list[Config]:
     """One config per configured cross-domain root: its test split, at the training image size."""
-    configs = []
-    for name, root in dataclasses.asdict(config.cross_domain).items():
-        if root:
-            data = dataclasses.replace(config.data, name=name, root=root, layout="auto",
-                                       image_size=image_size, download=False)
-            configs.append(dataclasses.replace(config, data=data))
-    return configs
+    return [dataclasses.replace(config, data=dataclasses.replace(
+                config.data, name=name, root=root, layout="auto", image_size=image_size,
+                download=False))
+            for name, root in dataclasses.asdict(config.cross_domain).items() if root]
 
 
 def needed_data(config: Config) -> list[tuple[str, Config, str]]:
@@ -190,9 +161,9 @@ def test_best(config: Config, run_dir: Path, exp, log: RunLog) -> dict[str, floa
         log.log("test", exp.state.step, dataset=name, split="test", accuracy=mean, ci95=ci,
                 num_tasks=len(accs), steps=config.inner.eval_steps, epoch=info["epoch"],
                 sparsity=info["sparsity"])
-        chance = 1 / config.data.num_ways
         print(f"test accuracy ({name}, {len(accs)} tasks, best checkpoint of epoch "
-              f"{info['epoch']}): {mean:.2%} +- {ci:.2%} (95% CI; chance {chance:.0%})")
+              f"{info['epoch']}): {mean:.2%} +- {ci:.2%} (95% CI; chance "
+              f"{1 / config.data.num_ways:.0%})")
         means["test_accuracy" if test_config is config else f"test_accuracy_{name}"] = mean
     print_sparsity(info["sparsity"])
     return means
@@ -200,11 +171,8 @@ def test_best(config: Config, run_dir: Path, exp, log: RunLog) -> dict[str, floa
 
 def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
     """Train (or continue the run in resume_dir), then test the best checkpoint; returns the run
-    folder.
-
-    Under torchrun (WORLD_SIZE > 1) this joins the process group first and leaves it at the end;
-    processes other than rank 0 print nothing and write no file.
-    """
+    folder. Under torchrun this joins the process group first and leaves it at the end; processes
+    other than rank 0 print nothing and write no file."""
     device = distributed.setup(config.run.device)
     try:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(
@@ -215,12 +183,10 @@ def main(config: Config, resume_dir: Optional[Path] = None) -> Path:
 
 
 def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
-    """main() once the device (and process group) is set up."""
     check_data_present(config)
     exp, run_dir, log = open_run(config, device, resume_dir)
-    learner = exp.learner
+    learner, d, world = exp.learner, config.data, distributed.world_size()
     print(f"run folder: {run_dir}")
-    world = distributed.world_size()
     if world > 1:
         print(f"torchrun: {world} processes, {config.outer.meta_batch_size // world} tasks of each "
               f"meta-batch per process")
@@ -228,7 +194,6 @@ def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
           f"{sum(p.numel() for p in learner.theta_parameters()):,} weights, "
           f"{len(learner.inner_names)} tensors adapt in the inner loop, "
           f"mask: {config.inner.mask}{' (generator)' if learner.generator is not None else ''}")
-    d = config.data
     test_query = f" ({d.test_query} in test tasks)" if d.test_query != d.num_query else ""
     print(f"data: {d.name}, {d.num_ways}-way {d.num_shots}-shot, {d.num_query} queries per class"
           f"{test_query}")
@@ -249,10 +214,25 @@ def _train(config: Config, resume_dir: Optional[Path], device) -> Path:
 def cli(argv: list[str] | None = None) -> int:
     """The command line: parse, run, and turn every expected failure into a message on stderr and
     an exit status (0 done, 1 error, 3 stopped, 4 diverged, 130 interrupted); no traceback."""
-    args = parse_args(argv)
+    parser = ArgumentParser(description=__doc__, formatter_class=RawTextHelpFormatter)
+    parser.add_argument("-c", "--config", help="YAML config file (defaults: the built-in demo)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help=(
+        "continue the run in RUN_DIR from its newest loadable checkpoint, with RUN_DIR/config.yaml "
+        "plus the overrides (model-changing ones are refused)"))
+    parser.add_argument("--check-data", action="store_true",
+                        help="decode every image of every split the run reads, list the files that "
+                             "fail, and exit (1 if any failed) without training")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="with --resume: allow importing the backbone code (model.arch: "
+                             "file.py:Class or module:Class) that the run folder names")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file, then overrides) as YAML and exit "
+                             "without training or writing anything")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inner.steps=35")
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
 
     def run() -> int:
-        cfg, resume_from = load_run_config(args.config, args.overrides, args.resume, args.trust_code)
+        cfg, to_resume = load_run_config(args.config, args.overrides, args.resume, args.trust_code)
         if args.print_config:
             if lead():
                 write_yaml(cfg, sys.stdout)
@@ -262,7 +242,7 @@ def cli(argv: list[str] | None = None) -> int:
         if args.config is None and args.resume is None and not args.overrides and lead():
             print("no -c CONFIG: running the built-in demo (synthetic glyphs)")
         try:
-            main(cfg, resume_from)
+            main(cfg, to_resume)
         except TrainingStopped as stopped:  # every process stops alike: rank 0 says so
             if lead():
                 launcher = ("torchrun [same options] train.py" if distributed.env_world_size() > 1
