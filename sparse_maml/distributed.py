@@ -35,12 +35,9 @@ def check_environment() -> None:
     hidden (only rank 0 reports), with WORLD_SIZE alone the process group would wait for peers
     that never come."""
     found = {v: os.environ[v] for v in TORCHRUN_VARIABLES if v in os.environ}
-    if not found:
-        return
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        value = found.get(name)
-        if value is not None and not value.isdigit():
-            raise ConfigError(f"environment variable {name}={value[:40]!r} is not a number "
+        if not found.get(name, "0").isdigit():
+            raise ConfigError(f"environment variable {name}={found[name][:40]!r} is not a number "
                               "(torchrun sets it; unset it to run one process)")
     world = int(found.get("WORLD_SIZE", "1"))
     missing = [v for v in TORCHRUN_VARIABLES if v not in found]
@@ -86,11 +83,9 @@ def is_main_process() -> bool:
 
 
 def setup(device_name: str) -> torch.device:
-    """Resolve run.device; under torchrun (WORLD_SIZE > 1) also join the process group.
-
-    Under torchrun, `auto` and `cuda` mean cuda:LOCAL_RANK (one GPU per process, backend nccl) when
-    CUDA exists; `cpu`, or `auto` without CUDA, uses gloo.
-    """
+    """Resolve run.device; under torchrun (WORLD_SIZE > 1) also join the process group, where
+    `auto` and `cuda` mean cuda:LOCAL_RANK (one GPU per process, backend nccl) when CUDA exists;
+    `cpu`, or `auto` without CUDA, uses gloo."""
     world = env_world_size()
     if world <= 1:
         return resolve_device(device_name)
@@ -98,16 +93,14 @@ def setup(device_name: str) -> torch.device:
         raise ConfigError(f"run.device={device_name} names one GPU, but torchrun started {world} "
                           "processes: use run.device=auto or cuda (each process takes "
                           "cuda:LOCAL_RANK)")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        backend = "nccl"
     else:
         device = resolve_device(device_name)  # cpu, or cuda without CUDA: the usual error
-        backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        nccl = device.type == "cuda"
+        dist.init_process_group("nccl" if nccl else "gloo", device_id=device if nccl else None)
     return device
 
 
@@ -170,13 +163,10 @@ def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
     if not is_distributed():
         return
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
-    start = 0
-    for g in grads:
-        g.copy_(flat[start:start + g.numel()].view_as(g))
-        start += g.numel()
+    if grads:
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def gather_blocks(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -202,11 +192,9 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run fn on rank 0 only and return its result on every process.
-
-    An exception raised by fn on rank 0 is raised on every process (as the same type, where it can
-    be rebuilt from its message), so no process is left waiting in a collective.
-    """
+    """Run fn on rank 0 only and return its result on every process. An exception it raises there
+    is raised on every process (as the same type, where it can be rebuilt from its message), so no
+    process is left waiting in a collective."""
     result, error = None, None
     if is_main_process():
         try:
@@ -215,17 +203,14 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             error = err
     if is_distributed():
         result, shared = broadcast_object((result, _portable(error)))
-        if error is None and shared is not None:
-            error = shared
+        error = shared if error is None else error
     if error is not None:
         raise error
     return result
 
 
 def _portable(error: Optional[Exception]) -> Optional[Exception]:
-    """An exception that survives pickling (the original if it does)."""
-    if error is None:
-        return None
+    """An exception that survives pickling (the original, or None, if it does)."""
     try:
         pickle.loads(pickle.dumps(error))
         return error

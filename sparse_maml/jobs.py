@@ -1,18 +1,15 @@
 """Rows of the results table as scheduler jobs: one train.py command run by submitit, its stop
 signals turned into a checkpoint and a requeue, and the state of a row read back from its run
-folder and job files.
+folder and job files (utils/slurm.py submits rows and reports their states).
 
 A row is one `python train.py ... run.dir=DIR run.resume=auto` command, as
-`run_sparse_MAML.sh --dry-run` prints it. `RowJob` runs it in a child process and waits. When the
+`run_sparse_MAML.sh --dry-run` prints it; `RowJob` runs it in a child process and waits. When the
 scheduler warns of the time limit (SIGUSR2, the signal submitit asks Slurm for) or preempts the
 job, train.py finishes its meta-batch, checkpoints and exits 3; submitit then calls
-`RowJob.checkpoint`, which hands back the same row to requeue, and the requeued job's train.py
-continues from the checkpoint (`run.resume=auto`) exactly as if it had never stopped. A row that
-fails for a reason of its own (exit 1, or 4 from the NaN guard) raises `RowFailed` and is not
-requeued. utils/slurm.py submits rows and reports their states.
-
-A row on several GPUs or nodes runs train.py under torchrun (`torchrun_command`), one RowJob per
-node: the same train.py processes as a hand-started `srun torchrun ... train.py` would give.
+`RowJob.checkpoint`, which hands back the same row to requeue, and the requeued train.py continues
+from the checkpoint (`run.resume=auto`) exactly as if it had never stopped. A row that fails for a
+reason of its own (exit 1, or 4 from the NaN guard) raises `RowFailed` and is not requeued. A row
+on several GPUs or nodes runs train.py under torchrun (`torchrun_command`), one RowJob per node.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -81,27 +78,26 @@ def torchrun_command(command: list[str], nodes: int, procs_per_node: int, node_r
 
 def is_finished(run_dir: Path) -> bool:
     """Whether train.py wrote its test result (test.py's records have step -1) into run_dir."""
-    return any(r.get("kind") == "test" and r.get("step", -1) >= 0 for r in _records(run_dir))
+    return any(r.get("kind") == "test" and r.get("step", -1) >= 0
+               for r in _jsonl(Path(run_dir) / METRICS))
 
 
 def progress(run_dir: Path) -> tuple[Optional[int], Optional[float]]:
-    """(epochs completed, best validation accuracy so far) from run_dir/metrics.jsonl; None where
-    the run has not got that far."""
-    records = _records(run_dir)
+    """(epochs completed, best validation accuracy) from metrics.jsonl; None where not reached."""
+    records = _jsonl(Path(run_dir) / METRICS)
     epochs = [r["epoch"] for r in records if r.get("kind") == "train" and "epoch" in r]
     accs = [r["accuracy"] for r in records if r.get("kind") == "val" and "accuracy" in r]
-    return (max(epochs) if epochs else None), (max(accs) if accs else None)
+    return max(epochs, default=None), max(accs, default=None)
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
+def _jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file ([] if missing), but for lines that do not parse (blank,
+    or being written while we read)."""
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written while we read
+        except json.JSONDecodeError:
             continue
     return records
 
@@ -184,9 +180,7 @@ class RowJob(submitit.helpers.Checkpointable):
                       "not requeued", file=sys.stderr, flush=True)
                 return None
         print(f"{self.name}: checkpointed; requeued to continue from {self.run_dir}", flush=True)
-        return submitit.helpers.DelayedSubmission(RowJob(self.name, self.command, self.cwd,
-                                                         self.threads, self.nodes,
-                                                         self.procs_per_node))
+        return submitit.helpers.DelayedSubmission(replace(self))
 
     def _follow(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
@@ -209,39 +203,21 @@ class RowJob(submitit.helpers.Checkpointable):
         while self._proc.returncode is None:
             time.sleep(0.05)
         status = self._proc.returncode
-        if (self.distributed and status != 0 and self._worker_exits
-                and set(self._worker_exits) == {EXIT_STOPPED}):
+        if self.distributed and status != 0 and set(self._worker_exits) == {EXIT_STOPPED}:
             return EXIT_STOPPED
         return status
-
-
-# ---------------------------------------------------------------------------------------------
-# The record of submitted jobs, and the state of each row
-
-
-def jobs_folder(run_dir: Path) -> Path:
-    """Where the jobs of rows with run folders beside run_dir keep their files and record."""
-    return Path(run_dir).parent / "slurm"
 
 
 def record_jobs(folder: Path, entries: list[dict]) -> None:
     """Append one line per submitted job to folder/jobs.jsonl."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / JOBS_FILE, "a") as f:
-        for entry in entries:
-            f.write(json.dumps(entry) + "\n")
+        f.writelines(json.dumps(entry) + "\n" for entry in entries)
 
 
 def latest_jobs(folder: Path) -> dict[str, dict]:
     """The newest recorded job of each run folder (key: run_dir as recorded)."""
-    path = Path(folder) / JOBS_FILE
-    latest: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                latest[entry["run_dir"]] = entry
-    return latest
+    return {entry["run_dir"]: entry for entry in _jsonl(Path(folder) / JOBS_FILE)}
 
 
 def job_outcome(entry: dict) -> Optional[tuple[str, str]]:
@@ -279,40 +255,33 @@ def row_state(name: str, run_dir: Path, entry: Optional[dict],
     from .run_folder import holds_run
 
     epoch, best = progress(run_dir)
-    job_id = entry["job_id"] if entry else "-"
 
     def state(kind: str, detail: str = "") -> RowState:
-        return RowState(name, kind, job_id, epoch, best, detail)
+        return RowState(name, kind, entry["job_id"] if entry else "-", epoch, best, detail)
+
+    def newest_step() -> int:
+        from .checkpoint import list_checkpoints  # imports torch: only for a stopped row
+        return max((step for step, _ in list_checkpoints(run_dir)), default=0)
 
     started = holds_run(run_dir)
     if is_finished(run_dir):
         return state("finished")
-    scheduler_state = (scheduler_state or "").split()[0].upper() if scheduler_state else None
+    scheduler_state = scheduler_state.split()[0].upper() if scheduler_state else None
     if scheduler_state in WAITING:
-        if started:
-            return state("requeued",
-                         f"stopped at step {_newest_step(run_dir)}, waiting to continue")
-        return state("queued")
+        return (state("requeued", f"stopped at step {newest_step()}, waiting to continue")
+                if started else state("queued"))
     if scheduler_state in RUNNING:
         return state("running")
     if entry is None:
-        return state("stopped", "run folder without a recorded job") if started else state(
-            "not started")
+        return (state("stopped", "run folder without a recorded job") if started
+                else state("not started"))
     outcome = job_outcome(entry)
-    if outcome is not None and outcome[0] == "error":
-        if outcome[1].startswith(RowStopped.__name__):
-            return state("stopped", outcome[1])
-        return state("failed", outcome[1])
     if outcome is not None:
-        return state("failed", f"job ended ({outcome[1]}) but {run_dir} holds no test result")
+        kind, detail = outcome
+        if kind == "error":
+            return state("stopped" if detail.startswith(RowStopped.__name__) else "failed", detail)
+        return state("failed", f"job ended ({detail}) but {run_dir} holds no test result")
     ended = f"job {scheduler_state.lower()}" if scheduler_state else "job ended"
     if started:
-        return state("stopped", f"{ended} at step {_newest_step(run_dir)} without a result")
+        return state("stopped", f"{ended} at step {newest_step()} without a result")
     return state("failed", f"{ended} before train.py wrote its run folder (see the job's log)")
-
-
-def _newest_step(run_dir: Path) -> int:
-    from .checkpoint import list_checkpoints
-
-    found = list_checkpoints(run_dir)
-    return found[-1][0] if found else 0

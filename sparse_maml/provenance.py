@@ -26,13 +26,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-pack
 def git_state(folder: Path = PACKAGE_ROOT) -> Optional[dict[str, Any]]:
     """{"commit", "dirty"} of the git checkout holding `folder`; None outside one or without git.
     `dirty` is whether tracked files differ from the commit (untracked files do not count)."""
+    git = ["git", "-C", str(folder)]
     try:
-        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
         if commit.returncode != 0:
             return None
-        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain",
-                                 "--untracked-files=no"], capture_output=True, text=True, timeout=30)
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit.stdout.strip(),
@@ -41,20 +42,13 @@ def git_state(folder: Path = PACKAGE_ROOT) -> Optional[dict[str, Any]]:
 
 def provenance_record(event: str, device: Optional[torch.device] = None) -> dict[str, Any]:
     """What this process is: the record `record_provenance` appends."""
-    cuda = torch.version.cuda
     record: dict[str, Any] = {
-        "event": event,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": [sys.executable, *sys.argv],
-        "cwd": str(Path.cwd()),
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": cuda,  # the CUDA version torch was built with (None: a CPU build)
-        "device": str(device) if device is not None else None,
-        "git": git_state(),
-    }
+        "event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": [sys.executable, *sys.argv], "cwd": str(Path.cwd()),
+        "host": socket.gethostname(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda,  # the CUDA version torch was built with (None: a CPU build)
+        "device": str(device) if device is not None else None, "git": git_state()}
     if device is not None and device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)
     return record

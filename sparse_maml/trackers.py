@@ -15,8 +15,8 @@ from .config import Config, ConfigError, flatten, to_dict
 
 def _missing(field: str, value: str, package: str) -> ConfigError:
     return ConfigError(f"run.{field}={value}: the {package} package is not installed; install the "
-                       f"extra (pip install -e '.[{package}]' in this folder, or pip install {package}) "
-                       f"or leave run.{field} empty")
+                       f"extra (pip install -e '.[{package}]' in this folder, or pip install "
+                       f"{package}) or leave run.{field} empty")
 
 
 def run_id(run_dir: Path) -> str:
@@ -58,42 +58,41 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    """An MLflow run in the experiment run.name at run.mlflow_uri, tagged with the run folder."""
+    """An MLflow run in the experiment run.name at run.mlflow_uri, tagged with the run folder: a
+    resume finds it by the tag and continues it."""
 
     def __init__(self, config: Config, run_dir: Path):
         try:
+            from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
         except ImportError as err:
             raise _missing("mlflow_uri", config.run.mlflow_uri, "mlflow") from err
         try:
-            self._open(MlflowClient(tracking_uri=config.run.mlflow_uri), config, run_dir)
+            self.client = client = MlflowClient(tracking_uri=config.run.mlflow_uri)
+            experiment = client.get_experiment_by_name(config.run.name)
+            experiment_id = (experiment.experiment_id if experiment is not None
+                             else client.create_experiment(config.run.name))
+            key = run_id(run_dir)
+            found = client.search_runs([experiment_id], f"tags.run_folder_id = '{key}'")
+            if found:
+                self.run_id = found[0].info.run_id
+                client.update_run(self.run_id, status="RUNNING")
+            else:
+                tags = {"run_folder_id": key, "run_folder": str(Path(run_dir).resolve())}
+                self.run_id = client.create_run(experiment_id, run_name=Path(run_dir).name,
+                                                tags=tags).info.run_id
+                params = [Param(k, str(v)[:500]) for k, v in flat_params(config).items()]
+                for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                    client.log_batch(self.run_id, params=params[i:i + 100])
         except Exception as err:  # MlflowException (a store it refuses), connection errors
             raise ConfigError(f"run.mlflow_uri={config.run.mlflow_uri}: MLflow refused the run: "
                               f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
 
-    def _open(self, client: Any, config: Config, run_dir: Path) -> None:
-        """Find the run of this folder in the experiment run.name, or create it with the config."""
-        self.client = client
-        experiment = self.client.get_experiment_by_name(config.run.name)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else self.client.create_experiment(config.run.name))
-        key = run_id(run_dir)
-        found = self.client.search_runs([experiment_id], f"tags.run_folder_id = '{key}'")
-        if found:  # a resume: continue the run
-            self.run_id = found[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            self.run_id = self.client.create_run(experiment_id, run_name=Path(run_dir).name, tags={
-                "run_folder_id": key, "run_folder": str(Path(run_dir).resolve())}).info.run_id
-            from mlflow.entities import Param
-            params = [Param(k, str(v)[:500]) for k, v in flat_params(config).items()]
-            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(self.run_id, params=params[i:i + 100])
-
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self, summary: dict[str, float]) -> None:
         if summary:
@@ -107,9 +106,5 @@ class MlflowTracker:
 
 def open_trackers(config: Config, run_dir: Path) -> list[Any]:
     """The trackers the config turns on (none by default)."""
-    trackers: list[Any] = []
-    if config.run.wandb_project:
-        trackers.append(WandbTracker(config, run_dir))
-    if config.run.mlflow_uri:
-        trackers.append(MlflowTracker(config, run_dir))
-    return trackers
+    turned_on = [(config.run.wandb_project, WandbTracker), (config.run.mlflow_uri, MlflowTracker)]
+    return [tracker(config, run_dir) for field, tracker in turned_on if field]

@@ -4,34 +4,33 @@
     python utils/sweep.py --gpus 0,1,2,3 commands.txt       # these GPUs, one run each at a time
     python utils/sweep.py --jobs 2 commands.txt             # CPU only: two runs at a time
 
-Commands are read one per line (shell quoting as `run_sparse_MAML.sh --dry-run` prints it; blank
-lines and `#` comments are skipped) from the files given, or from stdin. Each GPU runs one command
-at a time with CUDA_VISIBLE_DEVICES set to it, so `run.device=auto` in the run means that GPU; the
-next command starts as soon as a GPU is free. Without GPUs (or with `--gpus none`) the commands run
-`--jobs` at a time. Each command gets an equal share of the CPU cores as its thread count
-(OMP_NUM_THREADS = cores // concurrent commands, unless OMP_NUM_THREADS is set): torch's default of
-one thread per core in every command oversubscribes the machine. Each command's output goes to
-<logs>/<number>.log. A line that cannot be split as a shell would is reported and skipped; the
-exit status is 1 if any command failed or any line was skipped (the others still run). SIGTERM or
-Ctrl-C reaches the running commands (train.py then checkpoints and exits 3, resumable), no new
-command starts, the commands that never started are listed, and the exit status is 3.
+Commands are read one per line (shell quoting, as `run_sparse_MAML.sh --dry-run` prints them;
+blank lines and `#` comments skipped) from the files given, or stdin. Each GPU runs one command at
+a time with CUDA_VISIBLE_DEVICES set to it, the next starting as soon as a GPU is free; without
+GPUs (or with `--gpus none`) `--jobs` run at a time. Each command gets OMP_NUM_THREADS = cores //
+concurrent commands unless it is set (torch's thread per core in every command oversubscribes the
+machine) and writes <logs>/<number>.log. The exit status is 1 if a command failed or a line could
+not be split as a shell would (the others still run). SIGTERM or Ctrl-C reaches the running
+commands (train.py checkpoints and exits 3), no new one starts, those never started are listed,
+and the exit status is 3. See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import queue
 import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, TypeVar
 
 EXIT_STOPPED = 3  # train.py: stopped at a checkpoint on a signal, resumable
+T = TypeVar("T")
 
 
 def command_lines(files: list[str]) -> list[str]:
@@ -41,17 +40,19 @@ def command_lines(files: list[str]) -> list[str]:
     return sys.stdin.read().splitlines()
 
 
-def read_commands(lines: Iterable[str]) -> tuple[list[list[str]], list[str]]:
-    """Non-empty, non-comment lines, split as a shell would; and one message per line that could
-    not be split (an unclosed quote), which is left out."""
+def read_commands(lines: Iterable[str], parse: Callable[[str], T] = shlex.split,
+                  ) -> tuple[list[T], list[tuple[int, str, ValueError]]]:
+    """parse(line) (by default: split as a shell would) of each line that is not blank or a #
+    comment; and (number, line, error) of each line whose parse raised a ValueError (an unclosed
+    quote), which is left out."""
     commands, bad = [], []
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if line and not line.startswith("#"):
             try:
-                commands.append(shlex.split(line))
+                commands.append(parse(line))
             except ValueError as err:
-                bad.append(f"line {number} skipped ({err}): {line}")
+                bad.append((number, line, err))
     return commands, bad
 
 
@@ -76,8 +77,7 @@ def visible_gpus() -> list[str]:
 def parse_slots(gpus: str, jobs: int) -> list[Optional[str]]:
     """One entry per concurrent run: a GPU id, or None for a CPU slot."""
     if gpus == "auto":
-        found = visible_gpus()
-        return list(found) if found else [None] * jobs
+        return visible_gpus() or [None] * jobs
     if gpus == "none":
         return [None] * jobs
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
@@ -91,9 +91,7 @@ class Sweep:
 
     def __init__(self, commands: list[list[str]], slots: list[Optional[str]], logs: Path,
                  threads: Optional[int] = None):
-        self.todo: queue.Queue = queue.Queue()
-        for number, command in enumerate(commands, 1):
-            self.todo.put((number, command))
+        self.todo = deque(enumerate(commands, 1))  # its pops are thread-safe
         self.slots, self.logs, self.threads = slots, logs, threads
         self.failed: list[int] = []
         self.stopped: list[int] = []
@@ -110,8 +108,8 @@ class Sweep:
         where = f"gpu {gpu}" if gpu is not None else "cpu"
         while not self.stopping:
             try:
-                number, command = self.todo.get_nowait()
-            except queue.Empty:
+                number, command = self.todo.popleft()
+            except IndexError:
                 return
             log_path = self.logs / f"{number}.log"
             print(f"[{where}] start {number}: {shlex.join(command)}  (log {log_path})", flush=True)
@@ -128,15 +126,12 @@ class Sweep:
                     status = proc.wait()
                     with self.lock:
                         del self.running[number]
-            outcome = "done"
-            if status == EXIT_STOPPED and self.stopping:
-                outcome = "stopped at a checkpoint (resumable)"
+            stopped = status == EXIT_STOPPED and self.stopping
+            if status != 0:
                 with self.lock:
-                    self.stopped.append(number)
-            elif status != 0:
-                outcome = f"FAILED (status {status})"
-                with self.lock:
-                    self.failed.append(number)
+                    (self.stopped if stopped else self.failed).append(number)
+            outcome = ("done" if status == 0 else "stopped at a checkpoint (resumable)" if stopped
+                       else f"FAILED (status {status})")
             print(f"[{where}] {outcome} {number} after {time.time() - start:.0f} s", flush=True)
 
     def stop(self, signum: int) -> None:
@@ -148,12 +143,7 @@ class Sweep:
 
     def not_started(self) -> list[tuple[int, list[str]]]:
         """(number, command) of the commands still waiting (after a stop: never started)."""
-        waiting = []
-        while True:
-            try:
-                waiting.append(self.todo.get_nowait())
-            except queue.Empty:
-                return sorted(waiting)
+        return list(self.todo)
 
     def run(self) -> list[int]:
         """Run every command; returns the numbers of those that failed."""
@@ -191,8 +181,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"sweep: {err}", file=sys.stderr)
         return 1
     commands, bad = read_commands(lines)
-    for message in bad:
-        print(f"sweep: {message}", file=sys.stderr)
+    for number, line, err in bad:
+        print(f"sweep: line {number} skipped ({err}): {line}", file=sys.stderr)
     if not commands:
         print("sweep: no commands to run", file=sys.stderr)
         return 1 if bad else 0
