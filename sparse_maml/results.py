@@ -15,8 +15,7 @@ from typing import Any
 
 import yaml
 
-from .config import (HOUSEKEEPING, REPLICATE, SEED_POOLED, ConfigError, flatten,
-                     keys_with_role, parse_yaml, to_dict)
+from .config import SEED_POOLED, ConfigError, flatten, parse_yaml, to_dict
 from .run_folder import CONFIG, METRICS, read_config, read_metrics
 
 METHOD_LABELS = {
@@ -29,7 +28,7 @@ PROTOCOL_NONE = "(none)"  # the label of runs whose run.protocol is empty
 # Test-time overrides (test.py) that keep a test record comparable: where the data lives, how the
 # run executes, how many test tasks are drawn; data.name names the dataset the record is about (a
 # cross-domain row).
-SAME_EXPERIMENT = keys_with_role(HOUSEKEEPING, REPLICATE) | {"data.name", "train.num_test_tasks"}
+SAME_EXPERIMENT = SEED_POOLED | {"data.name", "train.num_test_tasks"}
 
 
 def warn(message: str) -> None:
