@@ -15,6 +15,14 @@ TINY = [
     "run.tensorboard=false", "run.progress=false",
 ]
 
+# The smallest run that still writes every file of a run folder (config, metrics, checkpoints,
+# best.pt): what the tests of received and bad inputs start from.
+SMALLEST = ["model.widths=[2,2,2,2]", "data.num_ways=2", "data.num_query=1", "inner.steps=1",
+            "inner.eval_steps=1", "outer.meta_batch_size=1", "train.epochs=1",
+            "train.batches_per_epoch=2", "train.val_every=1", "train.num_val_tasks=2",
+            "train.num_test_tasks=2", "train.eval_batch_size=2", "run.tensorboard=false",
+            "run.progress=false", "run.device=cpu"]
+
 
 def tiny_config(*overrides: str) -> Config:
     """The demo defaults shrunk by TINY, then `overrides`."""

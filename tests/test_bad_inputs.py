@@ -27,15 +27,11 @@ from sparse_maml.cli import test as test_script
 from sparse_maml.cli import train
 from sparse_maml import checkpoint
 from fixtures import make_miniimagenet, write_miniimagenet
+from helpers import SMALLEST
 from sparse_maml.run_lock import LOCK
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["model.widths=[2,2,2,2]", "data.num_ways=2", "data.num_query=1", "inner.steps=1",
-        "inner.eval_steps=1", "outer.meta_batch_size=1", "train.epochs=1",
-        "train.batches_per_epoch=2", "train.val_every=1", "train.num_val_tasks=2",
-        "train.num_test_tasks=2", "train.eval_batch_size=2", "run.tensorboard=false",
-        "run.progress=false", "run.device=cpu"]
 # A file a malicious pickle would create if it ran: it must never exist.
 PAYLOAD = "PAYLOAD_RAN"
 
@@ -50,14 +46,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.target}",)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A finished tiny run (config, metrics, checkpoint, best.pt), copied by the rows that use it."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    assert train.cli([*TINY, f"run.dir={run_dir}"]) == 0
-    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +118,7 @@ def _malicious_mini_pickle(ws):
     root = ws.root / "mini"
     for split in ("train", "val", "test"):
         payload_pickle(root / f"mini-imagenet-cache-{split}.pkl", ws)
-    return [*TINY, "data.name=miniimagenet", f"data.root={root}", f"run.dir={ws.root / 'run'}"]
+    return [*SMALLEST, "data.name=miniimagenet", f"data.root={root}", f"run.dir={ws.root / 'run'}"]
 
 
 def _malicious_tiered_pickle(ws):
@@ -138,7 +126,7 @@ def _malicious_tiered_pickle(ws):
     for split in ("train", "val", "test"):
         payload_pickle(root / f"{split}_images_png.pkl", ws, [Payload(ws.root / PAYLOAD)])
         payload_pickle(root / f"{split}_labels.pkl", ws, {"label_specific": [0]})
-    return [*TINY, "data.name=tieredimagenet", f"data.root={root}", f"run.dir={ws.root / 'run'}"]
+    return [*SMALLEST, "data.name=tieredimagenet", f"data.root={root}", f"run.dir={ws.root / 'run'}"]
 
 
 def _rows_out_of_range(ws):
@@ -148,12 +136,12 @@ def _rows_out_of_range(ws):
     first = sorted(content["class_dict"])[0]
     content["class_dict"][first] = [0, 1, 10_000]
     path.write_bytes(pickle.dumps(content))
-    return [*TINY, "data.name=miniimagenet", f"data.root={root}", f"run.dir={ws.root / 'run'}"]
+    return [*SMALLEST, "data.name=miniimagenet", f"data.root={root}", f"run.dir={ws.root / 'run'}"]
 
 
 def _empty_yaml(ws):
     (ws.root / "empty.yaml").write_text("")
-    return ["-c", str(ws.root / "empty.yaml"), *TINY]
+    return ["-c", str(ws.root / "empty.yaml"), *SMALLEST]
 
 
 def _binary_yaml(ws):
@@ -163,12 +151,12 @@ def _binary_yaml(ws):
 
 def _run_dir_under_file(ws):
     (ws.root / "afile").write_text("user data")
-    return [*TINY, f"run.dir={ws.root / 'afile' / 'run'}"]
+    return [*SMALLEST, f"run.dir={ws.root / 'afile' / 'run'}"]
 
 
 def _missing_test_split(ws):
     root = ws.mini_root("npy", splits=("train", "val"))
-    return [*TINY, "data.name=miniimagenet", f"data.root={root}", f"run.dir={ws.root / 'run'}"]
+    return [*SMALLEST, "data.name=miniimagenet", f"data.root={root}", f"run.dir={ws.root / 'run'}"]
 
 
 def _no_run_folder(ws):
@@ -176,7 +164,7 @@ def _no_run_folder(ws):
 
 
 def _missing_cross_domain(ws):
-    return [*TINY, f"cross_domain.cub={ws.root / 'no_cub'}", f"run.dir={ws.root / 'run'}"]
+    return [*SMALLEST, f"cross_domain.cub={ws.root / 'no_cub'}", f"run.dir={ws.root / 'run'}"]
 
 
 def _locked_by_live_process(ws):
@@ -212,26 +200,26 @@ def _edited_config(ws):
 
 
 def _huge_image(ws):
-    return [*TINY, "data.image_size=4096", "outer.meta_batch_size=256", f"run.dir={ws.root / 'run'}"]
+    return [*SMALLEST, "data.image_size=4096", "outer.meta_batch_size=256", f"run.dir={ws.root / 'run'}"]
 
 
 def _no_cuda(ws):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    return [*TINY, "run.device=cuda", f"run.dir={ws.root / 'run'}"]
+    return [*SMALLEST, "run.device=cuda", f"run.dir={ws.root / 'run'}"]
 
 
 def _lr_as_written(ws):
-    return [*TINY, "outer.lr=1e-3", "outer.mask_lr=5e-3", f"run.dir={ws.root / 'run'}"]
+    return [*SMALLEST, "outer.lr=1e-3", "outer.mask_lr=5e-3", f"run.dir={ws.root / 'run'}"]
 
 
 def _lr_overflow(ws):
-    return [*TINY, "outer.lr=1e300", "outer.max_bad_steps=2", "train.batches_per_epoch=4",
+    return [*SMALLEST, "outer.lr=1e300", "outer.max_bad_steps=2", "train.batches_per_epoch=4",
             f"run.dir={ws.root / 'run'}"]
 
 
 def _lr_huge(ws):
-    return [*TINY, "outer.lr=1e30", "outer.max_bad_steps=2", "train.batches_per_epoch=4",
+    return [*SMALLEST, "outer.lr=1e30", "outer.max_bad_steps=2", "train.batches_per_epoch=4",
             f"run.dir={ws.root / 'run'}"]
 
 
@@ -271,7 +259,7 @@ def _hidden_class_folder(ws):
     hidden = root / "train" / ".ipynb_checkpoints"
     hidden.mkdir()
     (hidden / "x.jpg").write_bytes(b"not an image")
-    return [*TINY, "data.name=miniimagenet", f"data.root={root}", "data.image_size=16",
+    return [*SMALLEST, "data.name=miniimagenet", f"data.root={root}", "data.image_size=16",
             f"run.dir={ws.root / 'run'}", "--check-data"]
 
 
@@ -280,7 +268,7 @@ def _corrupt_image_check(ws):
     bad = sorted((root / "val").rglob("*.jpg"))[1]
     bad.write_bytes(b"\xff\xd8 truncated")
     ws.notes.append(bad.name)
-    return [*TINY, "data.name=miniimagenet", f"data.root={root}", "--check-data"]
+    return [*SMALLEST, "data.name=miniimagenet", f"data.root={root}", "--check-data"]
 
 
 def _names_bad_file(ws):
@@ -292,7 +280,7 @@ def _overwrite_spares_user_files(ws):
     for name in ("checkpoint-mine.pt", ".draft.tmp", "notes.txt"):
         (run / name).write_text("the user's")
     (run / ".best.pt.k1ll3d.tmp").write_text("left by a killed save of the run")
-    return [*TINY, f"run.dir={run}", "run.overwrite=true"]
+    return [*SMALLEST, f"run.dir={run}", "run.overwrite=true"]
 
 
 def _user_files_kept(ws):
@@ -304,7 +292,7 @@ def _user_files_kept(ws):
 def _overwrite_without_record(ws):
     run = ws.run_copy()
     (run / ".run-files").unlink()  # as a folder written by an older version
-    return [*TINY, f"run.dir={run}", "run.overwrite=true"]
+    return [*SMALLEST, f"run.dir={run}", "run.overwrite=true"]
 
 
 def _old_run_untouched(ws):
@@ -332,7 +320,7 @@ ROWS = [
     Row("stale lock", _stale_lock, 0, "taking over the lock", after=_lock_released),
     Row("config.yaml edited by hand", _edited_config, 1, "inner.step_size: 0.25 -> 0.5"),
     Row("image size beyond memory", _huge_image, 1, "data.image_size=4096"),
-    Row("image size beyond any use", lambda ws: [*TINY, "data.image_size=300000"], 1,
+    Row("image size beyond any use", lambda ws: [*SMALLEST, "data.image_size=300000"], 1,
         "data.image_size: 300,000 is beyond any usable value"),
     Row("run.device=cuda without a GPU", _no_cuda, 1, "CUDA is not available"),
     Row("outer.lr=1e-3 as written", _lr_as_written, 0, "test accuracy"),
@@ -464,7 +452,7 @@ def test_full_disk_while_saving_keeps_the_old_checkpoints(tmp_path, monkeypatch,
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     run = tmp_path / "run"
-    status = train.cli([*TINY, f"run.dir={run}", "run.checkpoint_every=1",
+    status = train.cli([*SMALLEST, f"run.dir={run}", "run.checkpoint_every=1",
                         "train.batches_per_epoch=3"])
     err = capsys.readouterr().err
     assert status == 1 and "could not write checkpoint" in err and "previous checkpoints are intact" in err
@@ -481,7 +469,7 @@ def test_file_size_limit_through_train_py(tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"run.dir={run}",
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALLEST, f"run.dir={run}",
                              "model.widths=[16,16,16,16]"], env=ENV, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, preexec_fn=limit)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -495,7 +483,7 @@ def test_corrupt_image_in_a_dataloader_worker(tmp_path, mini_data):
     root = write_miniimagenet(tmp_path / "mini", "folder", mini_data)
     for bad in sorted((root / "train").rglob("*.jpg")):
         bad.write_bytes(b"\xff\xd8 truncated")
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "data.name=miniimagenet",
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALLEST, "data.name=miniimagenet",
                              f"data.root={root}", "data.num_workers=1", "data.image_size=16",
                              f"run.dir={tmp_path / 'run'}"], env=ENV, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
@@ -511,7 +499,7 @@ def test_malicious_pickle_through_the_real_script(tmp_path):
     ws = Workspace(tmp_path, tmp_path, {})
     for split in ("train", "val", "test"):
         payload_pickle(root / f"mini-imagenet-cache-{split}.pkl", ws)
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY,
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALLEST,
                              "data.name=miniimagenet", f"data.root={root}"], env=ENV, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "was refused" in result.stderr

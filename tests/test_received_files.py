@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import SMALLEST
 from sparse_maml import checkpoint
 from sparse_maml.api import Learner
 from sparse_maml.cli import test as test_script
@@ -27,11 +28,6 @@ from sparse_maml.config import ConfigError, load_config
 from sparse_maml.run_folder import UntrustedCode
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.widths=[2,2,2,2]", "data.num_ways=2", "data.num_query=1", "inner.steps=1",
-        "inner.eval_steps=1", "outer.meta_batch_size=1", "train.epochs=1",
-        "train.batches_per_epoch=2", "train.val_every=1", "train.num_val_tasks=2",
-        "train.num_test_tasks=2", "train.eval_batch_size=2", "run.tensorboard=false",
-        "run.progress=false", "run.device=cpu"]
 # A backbone file that leaves a mark when it is imported: the mark must not appear unless trusted.
 BACKBONE = '''
 from pathlib import Path
@@ -47,19 +43,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    assert train.cli([*TINY, f"run.dir={run_dir}"]) == 0
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def custom_run(tmp_path_factory) -> Path:
     """A finished run whose backbone is a file of its own (named by absolute path)."""
     root = tmp_path_factory.mktemp("custom")
     (root / "nets.py").write_text(BACKBONE)
     run_dir = root / "run"
-    assert train.cli([*TINY, f"run.dir={run_dir}", f"model.arch={root / 'nets.py'}:Net"]) == 0
+    assert train.cli([*SMALLEST, f"run.dir={run_dir}", f"model.arch={root / 'nets.py'}:Net"]) == 0
     return run_dir
 
 
@@ -168,7 +157,7 @@ def _config_text(text: str) -> Callable[[Path, Path], list[str]]:
 
 
 def _tiny_resnet(tmp, run):
-    return [*TINY, "model.arch=resnet12", "data.image_size=3", f"run.dir={tmp / 'new'}"]
+    return [*SMALLEST, "model.arch=resnet12", "data.image_size=3", f"run.dir={tmp / 'new'}"]
 
 
 def _no_run_folder_made(tmp):
@@ -206,7 +195,7 @@ CASES = [
          script="train", after=_no_run_folder_made),
 ]
 for override in ("run.name=*x", 'run.name="x', "run.name=[1", "run.name=\tx:"):
-    CASES.append(Case(f"override {override!r}", lambda tmp, run, o=override: [*TINY, o], 1,
+    CASES.append(Case(f"override {override!r}", lambda tmp, run, o=override: [*SMALLEST, o], 1,
                       "the value is not valid YAML", script="train"))
 
 
@@ -320,7 +309,7 @@ def test_api_load_leaves_the_callers_random_generators_alone(finished_run):
 def test_half_set_torchrun_environment_is_named(env, fragment, monkeypatch, capsys):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert train.cli(TINY) == 1
+    assert train.cli(SMALLEST) == 1
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
 
@@ -337,7 +326,7 @@ def test_ctrl_c_outside_training_is_exit_130(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "main", interrupted)
-    assert train.cli(TINY) == 130
+    assert train.cli(SMALLEST) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
@@ -355,7 +344,7 @@ def test_a_run_moved_without_its_training_data_is_tested_and_loaded(tmp_path, ca
 
     root = write_miniimagenet(tmp_path / "data", "folder", make_miniimagenet((3, 2, 2), 3, 20))
     run = tmp_path / "run"
-    assert train.cli([*TINY, "data.name=folder", f"data.root={root}", "data.image_size=16",
+    assert train.cli([*SMALLEST, "data.name=folder", f"data.root={root}", "data.image_size=16",
                       f"run.dir={run}"]) == 0
     trained = capsys.readouterr().out
     moved = tmp_path / "elsewhere" / "run"
@@ -398,7 +387,7 @@ def test_resume_refuses_train_images_that_changed(tmp_path, capsys):
 
     root = write_miniimagenet(tmp_path / "data", "folder", make_miniimagenet((3, 2, 2), 3, 20))
     run = tmp_path / "run"
-    assert train.cli([*TINY, "data.name=folder", f"data.root={root}", "data.image_size=16",
+    assert train.cli([*SMALLEST, "data.name=folder", f"data.root={root}", "data.image_size=16",
                       f"run.dir={run}"]) == 0
     first, second = sorted((root / "train").rglob("*.jpg"))[:2]
     first.write_bytes(second.read_bytes())

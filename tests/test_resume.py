@@ -106,6 +106,18 @@ def _tiny_config(run_dir: Path, *extra: str):
                               "train.batches_per_epoch=4", *extra])
 
 
+def _stopped_run(cut: Path, stop_step: int, *extra: str) -> Path:
+    """A new run of _tiny_config(cut, *extra) that fit() stops after `stop_step` meta-batches."""
+    config = _tiny_config(cut, *extra)
+    exp = build_experiment(config)
+    make_run_dir(config, cut)
+    log = RunLog(cut, tensorboard=False)
+    with pytest.raises(TrainingStopped):
+        fit(exp, cut, log, should_stop=lambda: exp.state.step == stop_step)
+    log.close()
+    return cut
+
+
 @pytest.fixture(scope="module")
 def generator_reference(tmp_path_factory) -> Path:
     """An uninterrupted tiny sparse-MAML+ run (its generator draws from torch's global RNG)."""
@@ -121,14 +133,7 @@ def test_in_process_stop_and_resume_is_exact(tmp_path, generator_reference, stop
     uninterrupted run, RNG-consuming mask generator included."""
     from sparse_maml.cli import train
 
-    cut = tmp_path / "cut"
-    config = _tiny_config(cut, "inner.mask_generator=true")
-    exp = build_experiment(config)
-    make_run_dir(config, cut)
-    log = RunLog(cut, tensorboard=False)
-    with pytest.raises(TrainingStopped):
-        fit(exp, cut, log, should_stop=lambda: exp.state.step == stop_step)
-    log.close()
+    cut = _stopped_run(tmp_path / "cut", stop_step, "inner.mask_generator=true")
     assert checkpoint.list_checkpoints(cut)[-1][0] == stop_step
     assert not (cut / "metrics.jsonl").exists()  # stopped before the epoch's train record
     train.main(*train.load_run_config(None, [], str(cut)))
@@ -298,14 +303,7 @@ def test_resume_across_an_optimizer_reset_is_exact(tmp_path, stop_step):
     assert any(not torch.equal(a, b) for a, b in zip(final_weights(reference).values(),
                                                      final_weights(no_reset).values()))
 
-    cut = tmp_path / "cut"
-    config = _tiny_config(cut, *reset)
-    exp = build_experiment(config)
-    make_run_dir(config, cut)
-    log = RunLog(cut, tensorboard=False)
-    with pytest.raises(TrainingStopped):
-        fit(exp, cut, log, should_stop=lambda: exp.state.step == stop_step)
-    log.close()
+    cut = _stopped_run(tmp_path / "cut", stop_step, *reset)
     saved = checkpoint.load(checkpoint.list_checkpoints(cut)[-1][1])
     assert saved["state"]["step"] == stop_step
     assert saved["state"]["optimizer_reset_step"] == (0 if stop_step == 3 else 3)
